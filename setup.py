@@ -1,0 +1,33 @@
+"""Installation script of speechbrain-meta, a SpeechBrain plugin for meta-learning ASR."""
+
+from setuptools import find_packages, setup
+
+with open("README.md", encoding="utf-8") as readme:
+    long_description = readme.read()
+
+setup(
+    name="speechbrain-meta",
+    version="0.1.0",
+    description=(
+        "Meta-learned ASR initialisations (MAML, first-order MAML, Reptile) "
+        "for SpeechBrain"
+    ),
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["speechbrain_meta", "speechbrain_meta.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "speechbrain>=1.1.2,<1.2",
+        "torch>=2.1",
+        "torchaudio>=2.1",
+        "hyperpyyaml>=1.2.2",
+        "sentencepiece>=0.1.99",
+        "tqdm>=4.42",
+        "soundfile>=0.12",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "ruff>=0.4"],
+        "plot": ["matplotlib>=3.5"],
+    },
+    license="Apache-2.0",
+)
