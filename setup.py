@@ -1,4 +1,4 @@
-"""Installation script of speechbrain-meta, a SpeechBrain plugin for meta-learning ASR."""
+"""Installation script of speechbrain-meta (meta-learning ASR for SpeechBrain)."""
 
 from setuptools import find_packages, setup
 
