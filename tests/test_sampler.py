@@ -593,32 +593,53 @@ class EpisodeRecorder(sb.Brain):
         self.seen = []
 
     def fit_batch(self, batch):
-        self.seen.append(
-            (self.hparams.sampler.epoch, [t.support.id for t in batch.tasks])
-        )
+        epoch = self.hparams.train_sampler.epoch
+        self.seen.append(("train", epoch, [t.support.id for t in batch.tasks]))
         return torch.tensor(0.0)
 
     def evaluate_batch(self, batch, stage):
+        self.seen.append(("valid", None, [t.name for t in batch.to("cpu").tasks]))
         return torch.tensor(0.0)
 
 
-def test_brain_fit_builds_the_episodic_loader(tmp_path):
-    dataset = make_dataset()
-    sampler = make_sampler(dataset, episodes_per_epoch=3)
+def test_brain_fit_builds_the_episodic_loaders():
+    """The docs' wiring, with a plain Brain that registers the train sampler."""
+    train_data = make_dataset()
+    valid_data = make_dataset({"de": 4, "fr": 4})
+    train_sampler = make_sampler(train_data, episodes_per_epoch=3)
+    valid_sampler = TaskSampler(
+        valid_data,
+        tasks_per_batch=1,
+        support_size=2,
+        query_size=2,
+        episodes_per_epoch=2,
+        task_weighting="round_robin",
+        reseed_each_epoch=False,
+    )
     brain = EpisodeRecorder(
         modules={"model": torch.nn.Linear(1, 1)},
-        hparams={"sampler": sampler},
+        hparams={"train_sampler": train_sampler},
         run_opts={"device": "cpu"},
     )
-    brain.train_sampler = sampler  # what the meta-learning Brains do
+    brain.train_sampler = train_sampler  # what the meta-learning Brains do
     brain.fit(
         range(1, 3),
-        EpisodicDataset(dataset),
-        train_loader_kwargs={"batch_sampler": sampler, "collate_fn": collate_episode},
+        EpisodicDataset(train_data),
+        EpisodicDataset(valid_data),
+        train_loader_kwargs={
+            "batch_sampler": train_sampler,
+            "collate_fn": collate_episode,
+        },
+        valid_loader_kwargs={
+            "batch_sampler": valid_sampler,
+            "collate_fn": collate_episode,
+        },
     )
-    expected = [
-        (epoch, [[dataset.data_ids[i] for i in s] for s, _ in split(episode).values()])
-        for epoch in (1, 2)
-        for episode in episodes(sampler, epoch)
-    ]
+    expected = []
+    for epoch in (1, 2):
+        for episode in episodes(train_sampler, epoch):
+            supports = [s for s, _ in split(episode).values()]
+            ids = [[train_data.data_ids[i] for i in s] for s in supports]
+            expected.append(("train", epoch, ids))
+        expected += [("valid", None, ["de"]), ("valid", None, ["fr"])]
     assert brain.seen == expected
