@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""Meta-train a multilingual ASR model, or train the multitask baseline.
+
+The algorithm is the YAML's ``brain_class`` (``speechbrain_meta.MAML``,
+``FOMAML``, ``Reptile`` or ``MultiTask``); the methods below are an ordinary
+SpeechBrain ASR recipe and run unchanged under every one of them.
+
+Example
+-------
+python train.py hparams/maml_ctc.yaml
+python train.py hparams/reptile_ctc.yaml --data_folder data/embedded --output_folder out
+
+Authors
+-------
+speechbrain-meta developers
+"""
+
+import json
+import logging
+import os
+import sys
+
+import speechbrain as sb
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.utils.distributed import if_main_process, run_on_main
+
+logger = logging.getLogger(__name__)
+
+
+class ASR:
+    """CTC ASR recipe methods, mixed into the Brain class named in the YAML."""
+
+    def compute_forward(self, batch, stage):
+        """Waveforms -> features -> encoder -> CTC log-probabilities."""
+        batch = batch.to(self.device)
+        wavs, wav_lens = batch.sig
+        if stage == sb.Stage.TRAIN and hasattr(self.hparams, "speed_perturb"):
+            wavs = self.hparams.speed_perturb(wavs)
+        feats = self.hparams.compute_features(wavs)
+        feats = self.hparams.normalize(feats, wav_lens)
+        encoded = self.modules.encoder(feats)
+        logits = self.modules.ctc_lin(encoded)
+        return self.hparams.log_softmax(logits), wav_lens
+
+    def compute_objectives(self, predictions, batch, stage):
+        """CTC loss; error rates of greedy decoding outside training."""
+        p_ctc, wav_lens = predictions
+        tokens, tokens_lens = batch.tokens
+        loss = self.hparams.ctc_cost(p_ctc, tokens, wav_lens, tokens_lens)
+        if stage != sb.Stage.TRAIN:
+            sequences = sb.decoders.ctc_greedy_decode(
+                p_ctc, wav_lens, blank_id=self.hparams.blank_index
+            )
+            predicted = [
+                "".join(self.tokenizer.decode_ndim(seq)).split() for seq in sequences
+            ]
+            targets = [text.split() for text in batch.wrd]
+            self.wer_metric.append(batch.id, predicted, targets)
+            self.cer_metric.append(batch.id, predicted, targets)
+        return loss
+
+    def on_stage_start(self, stage, epoch=None):
+        """Fresh error-rate statistics for every evaluation stage."""
+        if stage != sb.Stage.TRAIN:
+            self.wer_metric = self.hparams.error_rate_computer()
+            self.cer_metric = self.hparams.cer_computer()
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        """Log, checkpoint on the validation CER, write the test error rates."""
+        stats = {"loss": stage_loss}
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = stats
+            return
+        stats["CER"] = self.cer_metric.summarize("error_rate")
+        stats["WER"] = self.wer_metric.summarize("error_rate")
+        if stage == sb.Stage.VALID:
+            self.hparams.train_logger.log_stats(
+                stats_meta={"epoch": epoch},
+                train_stats=self.train_stats,
+                valid_stats=stats,
+            )
+            self.checkpointer.save_and_keep_only(
+                meta={"CER": stats["CER"]}, min_keys=["CER"]
+            )
+        else:
+            self.hparams.train_logger.log_stats(
+                stats_meta={"Epoch loaded": self.hparams.epoch_counter.current},
+                test_stats=stats,
+            )
+            if if_main_process():
+                folder = self.hparams.output_folder
+                with open(os.path.join(folder, "wer.txt"), "w") as w:
+                    self.wer_metric.write_stats(w)
+                with open(os.path.join(folder, "cer.txt"), "w") as w:
+                    self.cer_metric.write_stats(w)
+
+
+def read_tasks(hparams: dict, dataset) -> tuple:
+    """The source and target tasks, from the YAML or the corpus record."""
+    targets = hparams["target_tasks"]
+    record = os.path.join(hparams["data_folder"], "corpus.json")
+    if targets is None and os.path.exists(record):
+        with open(record, encoding="utf-8") as f:
+            targets = json.load(f)["targets"]
+    targets = list(targets or [])
+    sources = hparams["source_tasks"]
+    if sources is None:
+        key = hparams["task_key"]
+        present = {dataset.data[i][key] for i in dataset.data_ids}
+        sources = sorted(present - set(targets))
+    overlap = set(sources) & set(targets)
+    if overlap:
+        raise ValueError(f"Tasks {sorted(overlap)} are both source and target.")
+    return list(sources), targets
+
+
+def dataio_prepare(hparams: dict) -> tuple:
+    """Datasets of the source tasks and the shared character encoder."""
+    replacements = {"data_root": hparams["data_folder"]}
+    datasets = {
+        split: sb.dataio.dataset.DynamicItemDataset.from_csv(
+            hparams[f"{split}_csv"], replacements=replacements
+        )
+        for split in ("train", "valid", "test")
+    }
+    sources, targets = read_tasks(hparams, datasets["train"])
+    logger.info(f"Source tasks: {sources}; held-out targets: {targets}")
+    key = hparams["task_key"]
+    for split, data in datasets.items():
+        datasets[split] = data.filtered_sorted(
+            key_test={key: lambda task: task in sources},
+            key_max_value={"duration": hparams["max_duration"]},
+        )
+
+    encoder = sb.dataio.encoder.CTCTextEncoder()
+
+    @sb.utils.data_pipeline.takes("wav")
+    @sb.utils.data_pipeline.provides("sig")
+    def audio_pipeline(wav):
+        return sb.dataio.dataio.read_audio(wav)
+
+    @sb.utils.data_pipeline.takes("wrd")
+    @sb.utils.data_pipeline.provides(
+        "char_list", "tokens_list", "tokens", "tokens_bos", "tokens_eos"
+    )
+    def text_pipeline(wrd):
+        char_list = list(wrd)
+        yield char_list
+        tokens_list = encoder.encode_sequence(char_list)
+        yield tokens_list
+        yield torch.LongTensor(tokens_list)
+        yield torch.LongTensor([encoder.bos_index] + tokens_list)
+        yield torch.LongTensor(tokens_list + [encoder.eos_index])
+
+    data = list(datasets.values())
+    sb.dataio.dataset.add_dynamic_item(data, audio_pipeline)
+    sb.dataio.dataset.add_dynamic_item(data, text_pipeline)
+    encoder.load_or_create(
+        path=hparams["label_encoder_file"],
+        from_didatasets=[datasets["train"]],
+        output_key="char_list",
+        special_labels={
+            "blank_label": hparams["blank_index"],
+            "bos_label": hparams["bos_index"],
+            "eos_label": hparams["eos_index"],
+            "unk_label": "<unk>",
+        },
+        sequence_input=True,
+    )
+    if len(encoder) > hparams["output_neurons"]:
+        raise ValueError(
+            f"The source tasks have {len(encoder)} tokens but the model has "
+            f"output_neurons: {hparams['output_neurons']}; raise it in the YAML."
+        )
+    sb.dataio.dataset.set_output_keys(
+        data, ["id", "sig", "wrd", "tokens", "tokens_bos", "tokens_eos"]
+    )
+    return datasets, encoder
+
+
+def main(argv: list) -> None:
+    """Prepare data, meta-train, then meta-test on held-out speakers."""
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    with open(hparams_file, encoding="utf-8") as fin:
+        hparams = load_hyperpyyaml(fin, overrides)
+    sb.create_experiment_directory(
+        experiment_directory=hparams["output_folder"],
+        hyperparams_to_save=hparams_file,
+        overrides=overrides,
+    )
+    if not hparams["skip_prep"]:
+        from recipes.embedded_corpus.prepare import prepare_embedded_corpus
+
+        run_on_main(
+            prepare_embedded_corpus,
+            kwargs={
+                "data_folder": hparams["data_folder"],
+                "size": hparams["corpus_size"],
+                "seed": hparams["seed"],
+            },
+        )
+    datasets, encoder = dataio_prepare(hparams)
+
+    brain_class = type("ASRBrain", (ASR, hparams["brain_class"]), {})
+    asr_brain = brain_class(
+        modules=hparams["modules"],
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"],
+    )
+    asr_brain.tokenizer = encoder
+    asr_brain.fit(
+        asr_brain.hparams.epoch_counter,
+        datasets["train"],
+        datasets["valid"],
+        train_loader_kwargs={
+            "batch_sampler": hparams["train_sampler"](datasets["train"])
+        },
+        valid_loader_kwargs={
+            "batch_sampler": hparams["valid_sampler"](datasets["valid"])
+        },
+    )
+    asr_brain.evaluate(
+        datasets["test"],
+        min_key="CER",
+        test_loader_kwargs={"batch_sampler": hparams["test_sampler"](datasets["test"])},
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
