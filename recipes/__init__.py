@@ -1,0 +1,1 @@
+"""Data-preparation recipes of speechbrain-meta (run from the repository root)."""
