@@ -1,0 +1,1 @@
+"""Embedded multilingual corpus: Debian text sentences read by espeak-ng voices."""
