@@ -1,0 +1,1 @@
+"""Czech recordings of Fish Fillets NG (real speech, GPL-2)."""
