@@ -150,8 +150,8 @@ def dataio_prepare(hparams: dict) -> tuple:
         tokens_list = encoder.encode_sequence(char_list)
         yield tokens_list
         yield torch.LongTensor(tokens_list)
-        yield torch.LongTensor([encoder.bos_index] + tokens_list)
-        yield torch.LongTensor(tokens_list + [encoder.eos_index])
+        yield torch.LongTensor([encoder.get_bos_index()] + tokens_list)
+        yield torch.LongTensor(tokens_list + [encoder.get_eos_index()])
 
     data = list(datasets.values())
     sb.dataio.dataset.add_dynamic_item(data, audio_pipeline)
@@ -219,13 +219,13 @@ def main(argv: list) -> None:
             "batch_sampler": hparams["train_sampler"](datasets["train"])
         },
         valid_loader_kwargs={
-            "batch_sampler": hparams["valid_sampler"](datasets["valid"])
+            "batch_sampler": hparams["eval_sampler"](datasets["valid"])
         },
     )
     asr_brain.evaluate(
         datasets["test"],
         min_key="CER",
-        test_loader_kwargs={"batch_sampler": hparams["test_sampler"](datasets["test"])},
+        test_loader_kwargs={"batch_sampler": hparams["eval_sampler"](datasets["test"])},
     )
 
 
