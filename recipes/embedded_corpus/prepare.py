@@ -49,9 +49,9 @@ from recipes.embedded_corpus.config import (
 from recipes.embedded_corpus.sentences import NotEnoughTextError, language_sentences
 from recipes.embedded_corpus.synthesis import (
     Utterance,
+    espeak_voices,
     plan_split,
     synthesize_all,
-    voice_exists,
 )
 from recipes.executables import require_executables
 from recipes.manifest import (
@@ -149,8 +149,9 @@ def prepare_embedded_corpus(
         return paths
     require_executables({"espeak-ng": "espeak-ng", "sox": "sox"})
     settings = config["language_settings"]
+    voices = espeak_voices()
     for lang in plan.languages:
-        if not voice_exists(settings[lang]["voice"]):
+        if settings[lang]["voice"] not in voices:
             raise UnknownLanguageError(
                 f"espeak-ng has no voice '{settings[lang]['voice']}' for language "
                 f"'{lang}'."

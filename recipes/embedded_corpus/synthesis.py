@@ -39,10 +39,10 @@ __all__ = [
     "SAMPLE_RATE",
     "SynthesisError",
     "Utterance",
+    "espeak_voices",
     "plan_split",
     "synthesize",
     "synthesize_all",
-    "voice_exists",
 ]
 
 SAMPLE_RATE = 16000
@@ -141,21 +141,18 @@ def plan_split(
     return plan
 
 
-def voice_exists(voice: str) -> bool:
-    """Whether espeak-ng has a voice.
-
-    Arguments
-    ---------
-    voice : str
-        Voice name, e.g. ``"de"`` or ``"pt-br"``.
+def espeak_voices() -> set[str]:
+    """Return the language voices of espeak-ng (``de``, ``en-us``, ``pt-br``...).
 
     Returns
     -------
-    bool
-        True when ``espeak-ng -v <voice>`` works.
+    set of str
+        The codes of the "Language" column of ``espeak-ng --voices``.
     """
-    result = subprocess.run(["espeak-ng", "-q", "-v", voice, "a"], capture_output=True)
-    return result.returncode == 0
+    listing = subprocess.run(
+        ["espeak-ng", "--voices"], capture_output=True, text=True, check=True
+    ).stdout
+    return {line.split()[1] for line in listing.splitlines()[1:] if line.strip()}
 
 
 def synthesize(utterance: Utterance) -> str:
