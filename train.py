@@ -182,6 +182,7 @@ def dataio_prepare(hparams: dict) -> tuple:
 def main(argv: list) -> None:
     """Prepare data, meta-train, then meta-test on held-out speakers."""
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    sb.utils.distributed.ddp_init_group(run_opts)
     with open(hparams_file, encoding="utf-8") as fin:
         hparams = load_hyperpyyaml(fin, overrides)
     sb.create_experiment_directory(
