@@ -25,6 +25,8 @@ import torch
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from speechbrain_meta.ctc import twice_differentiable_ctc
+
 __all__ = [
     "BrainObjective",
     "fast_weight_context",
@@ -83,8 +85,6 @@ def second_order_context() -> Iterator[None]:
     >>> h.shape
     torch.Size([4, 2])
     """
-    from speechbrain_meta.ctc import twice_differentiable_ctc
-
     with ExitStack() as stack:
         stack.enter_context(twice_differentiable_ctc())
         stack.enter_context(torch.backends.cudnn.flags(enabled=False))
