@@ -103,10 +103,13 @@ def is_usable(sentence: str, alphabet: str, offensive: list[str], limits: dict) 
     >>> [is_usable(s, alphabet, [], limits) for s in
     ...  ["I like it.", "Call the FBI.", "Meet Mr. Smith.", "and then", "Café time."]]
     [True, False, False, False, False]
+    >>> is_usable("¿Qué pasa?", "abcdefghijklmnopqrstuvwxyzáéíñóúü", [], limits)
+    True
     """
     if len(sentence) > limits["max_chars"] or not is_clean(sentence):
         return False
-    if not sentence[0].isupper() or "." in sentence.rstrip(_FINAL_PUNCTUATION):
+    first_letter = next((c for c in sentence if c.isalpha()), "")
+    if not first_letter.isupper() or "." in sentence.rstrip(_FINAL_PUNCTUATION):
         return False
     if any(len(word) > 1 and word.isupper() for word in _WORD.findall(sentence)):
         return False
