@@ -1,0 +1,307 @@
+import pytest
+import speechbrain.nnet.losses
+import torch
+import torch.nn.functional as F
+
+from speechbrain_meta.ctc import (
+    ctc_loss,
+    ctc_loss_differentiable,
+    twice_differentiable_ctc,
+)
+
+NO_DOUBLE_BACKWARD = "derivative for aten::_ctc_loss_backward is not implemented"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation (and stall
+    badly on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_batch(dtype=torch.float64, blank=0, classes=6, seed=0):
+    """Logits (T, B, C) and targets covering the corner cases.
+
+    Samples: full length; shorter input with repeated labels (a label
+    repeated needs a blank in between); empty target; a target that is
+    exactly as long as its input allows (repeats included); input of length
+    0 with an empty target; a single frame.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    frames = 12
+    labels = [c for c in range(classes) if c != blank]
+    targets = [
+        [labels[0], labels[1], labels[2], labels[3], labels[1]],
+        [labels[2], labels[2], labels[2], labels[0]],
+        [],
+        [labels[1], labels[1], labels[3], labels[3]],  # needs 6 frames
+        [],
+        [labels[4]],
+    ]
+    input_lengths = torch.tensor([12, 10, 7, 6, 0, 1])
+    target_lengths = torch.tensor([len(t) for t in targets])
+    padded = torch.full((len(targets), 5), blank)  # padding value is arbitrary
+    for row, target in enumerate(targets):
+        padded[row, : len(target)] = torch.tensor(target, dtype=torch.long)
+    logits = torch.randn(frames, len(targets), classes, generator=generator)
+    logits = logits.to(dtype).requires_grad_()
+    return logits, padded, input_lengths, target_lengths
+
+
+def concatenated(padded, target_lengths):
+    return torch.cat([row[:n] for row, n in zip(padded, target_lengths)])
+
+
+def loss_and_grad(loss_fn, logits, *args, **kwargs):
+    loss = loss_fn(logits.log_softmax(-1), *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("blank", [0, 3])
+@pytest.mark.parametrize("form", ["padded", "concatenated"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_matches_native_loss_and_gradient(dtype, blank, form, reduction):
+    logits, targets, input_lengths, target_lengths = make_batch(dtype, blank)
+    if form == "concatenated":
+        targets = concatenated(targets, target_lengths)
+    args = (targets, input_lengths, target_lengths, blank, reduction)
+    loss, grad = loss_and_grad(ctc_loss_differentiable, logits, *args)
+    ref_loss, ref_grad = loss_and_grad(F.ctc_loss, logits, *args)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(loss, ref_loss, **tolerance)
+    torch.testing.assert_close(grad, ref_grad, **tolerance)
+
+
+def test_matches_native_on_realistic_sizes():
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(80, 4, 30, generator=generator, dtype=torch.float64)
+    targets = torch.randint(1, 30, (4, 25), generator=generator)
+    args = (targets, [80, 71, 64, 50], [25, 20, 25, 3], 0, "none")
+    ref_loss, ref_grad = loss_and_grad(F.ctc_loss, logits.requires_grad_(), *args)
+    loss, grad = loss_and_grad(ctc_loss_differentiable, logits, *args)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-10)
+    # float32 rounding over 80 frames: the native float32 gradient is itself
+    # 5e-5 away from the float64 one, so compare both against float64.
+    logits = logits.detach().float().requires_grad_()
+    loss, grad = loss_and_grad(ctc_loss_differentiable, logits, *args)
+    native_loss, native_grad = loss_and_grad(F.ctc_loss, logits, *args)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(native_loss.double(), ref_loss, rtol=1e-6, atol=0)
+    error = (grad.double() - ref_grad).abs().max()
+    native_error = (native_grad.double() - ref_grad).abs().max()
+    assert error < max(2 * native_error, 1e-5)
+
+
+def test_unbatched_input_and_length_types():
+    logits, targets, input_lengths, target_lengths = make_batch()
+    log_probs = logits[:, 0].log_softmax(-1)
+    for lengths in [(torch.tensor(12), torch.tensor(5)), ((12,), (5,))]:
+        loss = ctc_loss_differentiable(log_probs, targets[0], *lengths, 0, "none")
+        ref = F.ctc_loss(log_probs, targets[0], *lengths, 0, "none")
+        assert loss.shape == ref.shape == ()
+        torch.testing.assert_close(loss, ref)
+    loss = ctc_loss_differentiable(
+        logits.log_softmax(-1), targets, input_lengths.tolist(), target_lengths
+    )
+    ref = F.ctc_loss(logits.log_softmax(-1), targets, input_lengths, target_lengths)
+    torch.testing.assert_close(loss, ref)
+
+
+def test_infeasible_samples():
+    logits, targets, input_lengths, target_lengths = make_batch()
+    input_lengths[3] = 5  # [a, a, b, b] needs 6 frames
+    args = (targets, input_lengths, target_lengths, 0, "none")
+    loss = ctc_loss_differentiable(logits.log_softmax(-1), *args)
+    assert torch.isinf(loss[3]) and torch.isfinite(loss[torch.arange(6) != 3]).all()
+    assert torch.isinf(ctc_loss_differentiable(logits.log_softmax(-1), *args[:3]))
+    torch.testing.assert_close(loss, F.ctc_loss(logits.log_softmax(-1), *args))
+
+    (grad,) = torch.autograd.grad(loss[torch.arange(6) != 3].sum(), logits)
+    assert torch.isfinite(grad).all() and (grad[:, 3] == 0).all()
+
+    for reduction in ["none", "mean", "sum"]:
+        loss, grad = loss_and_grad(
+            ctc_loss_differentiable, logits, *args[:3], 0, reduction, True
+        )
+        ref_loss, ref_grad = loss_and_grad(
+            F.ctc_loss, logits, *args[:3], 0, reduction, True
+        )
+        torch.testing.assert_close(loss, ref_loss)
+        torch.testing.assert_close(grad, ref_grad)
+        assert (grad[:, 3] == 0).all()
+        if reduction == "none":
+            assert loss[3] == 0
+
+
+def test_second_derivatives_stay_finite_with_infeasible_and_padding():
+    """No NaN in first or second derivatives, whatever the padded frames hold."""
+    logits, targets, input_lengths, target_lengths = make_batch()
+    input_lengths[3] = 5
+    log_probs = logits.detach().log_softmax(-1).requires_grad_()
+    padded = log_probs.detach().clone()
+    padded[10:, 1] = float("nan")  # past input length 10
+    padded[:, 4] = float("nan")  # input length 0
+    padded.requires_grad_()
+    vector = torch.randn_like(log_probs)
+    results = []
+    for x in [log_probs, padded]:
+        loss = ctc_loss_differentiable(
+            x, targets, input_lengths, target_lengths, zero_infinity=True
+        )
+        (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+        (hvp,) = torch.autograd.grad((grad * vector).sum(), x)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        assert torch.isfinite(hvp).all() and (hvp[:, 3] == 0).all()
+        results.append((loss.detach(), grad.detach(), hvp))
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_minus_infinity_log_probs():
+    logits, targets, input_lengths, target_lengths = make_batch()
+    log_probs = logits.detach().log_softmax(-1)
+    log_probs[:, :, 5] = float("-inf")  # a class that no target uses
+    log_probs.requires_grad_()
+    args = (targets, input_lengths, target_lengths, 0, "sum")
+    loss = ctc_loss_differentiable(log_probs, *args)
+    torch.testing.assert_close(loss, F.ctc_loss(log_probs, *args))
+    (grad,) = torch.autograd.grad(loss, log_probs, create_graph=True)
+    (hvp,) = torch.autograd.grad(grad.pow(2).sum(), log_probs)
+    assert torch.isfinite(grad).all() and torch.isfinite(hvp).all()
+
+
+def test_half_precision_is_computed_in_float32():
+    logits, targets, input_lengths, target_lengths = make_batch(torch.float32)
+    log_probs = logits.detach().log_softmax(-1)
+    args = (targets, input_lengths, target_lengths, 0, "none")
+    loss = ctc_loss_differentiable(log_probs.half(), *args)
+    assert loss.dtype == torch.float16
+    ref = ctc_loss_differentiable(log_probs.half().float(), *args)
+    torch.testing.assert_close(loss, ref.half())
+
+
+def test_create_graph_gradient_equals_first_order_gradient():
+    logits, targets, input_lengths, target_lengths = make_batch()
+    args = (targets, input_lengths, target_lengths)
+    loss = ctc_loss_differentiable(logits.log_softmax(-1), *args)
+    (fast,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    (graph,) = torch.autograd.grad(loss, logits, create_graph=True)
+    assert graph.requires_grad
+    torch.testing.assert_close(graph.detach(), fast)
+
+
+@pytest.mark.parametrize("wrt", ["log_probs", "logits"])
+def test_gradcheck_and_gradgradcheck(wrt):
+    generator = torch.Generator().manual_seed(2)
+    targets = torch.tensor([[1, 2, 2], [3, 1, 0], [1, 1, 0], [0, 0, 0]])
+    input_lengths, target_lengths = [6, 5, 4, 2], [3, 2, 2, 0]
+    x = torch.randn(6, 4, 4, generator=generator, dtype=torch.float64)
+    if wrt == "log_probs":
+        x = x.log_softmax(-1)
+    x.requires_grad_()
+
+    def loss_fn(x):
+        log_probs = x if wrt == "log_probs" else x.log_softmax(-1)
+        return ctc_loss_differentiable(
+            log_probs, targets, input_lengths, target_lengths, reduction="none"
+        )
+
+    assert torch.autograd.gradcheck(loss_fn, (x,))
+    assert torch.autograd.gradgradcheck(loss_fn, (x,))
+
+
+def test_hessian_vector_product_of_a_linear_model():
+    """Second order through a linear layer: HVP = finite difference of grads."""
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(15, 3, 4, generator=generator, dtype=torch.float64)
+    targets = torch.tensor([[1, 2, 3], [2, 2, 0], [4, 0, 0]])
+    args = (targets, [15, 12, 9], [3, 2, 1])
+    weight = torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    vector = torch.randn(5, 4, generator=generator, dtype=torch.float64)
+
+    def gradient(weight, create_graph=False):
+        weight = weight if create_graph else weight.detach().requires_grad_()
+        log_probs = (features @ weight.T).log_softmax(-1)
+        loss = ctc_loss_differentiable(log_probs, *args)
+        return torch.autograd.grad(loss, weight, create_graph=create_graph)[0]
+
+    weight.requires_grad_()
+    (hvp,) = torch.autograd.grad(
+        (gradient(weight, create_graph=True) * vector).sum(), weight
+    )
+    eps = 1e-5
+    finite_difference = (
+        gradient(weight + eps * vector) - gradient(weight - eps * vector)
+    ) / (2 * eps)
+    torch.testing.assert_close(hvp, finite_difference, rtol=1e-6, atol=1e-8)
+    assert hvp.abs().max() > 1e-3
+
+
+def speechbrain_batch(seed=4):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 16, 6, generator=generator, dtype=torch.float64)
+    targets = torch.tensor([[1, 2, 3, 3], [4, 5, 0, 0], [2, 0, 0, 0]])
+    input_lens = torch.tensor([1.0, 0.75, 0.5])
+    target_lens = torch.tensor([1.0, 0.5, 0.25])
+    return logits.requires_grad_(), targets, input_lens, target_lens
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batch", "batchmean", "none"])
+def test_speechbrain_wrapper_matches_speechbrain(reduction):
+    logits, targets, input_lens, target_lens = speechbrain_batch()
+    input_lens[2] = 0.125  # 2 frames for 1 label: fine; then infeasible below
+    targets[2, :2] = torch.tensor([2, 2])
+    target_lens[2] = 0.5  # [2, 2] needs 3 frames: zeroed by zero_infinity
+    args = (targets, input_lens, target_lens, 0, reduction)
+    loss, grad = loss_and_grad(ctc_loss, logits, *args)
+    native = speechbrain.nnet.losses.ctc_loss
+    ref_loss, ref_grad = loss_and_grad(native, logits, *args)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def double_backward_of_speechbrain_ctc(logits, targets, input_lens, target_lens):
+    log_probs = logits.log_softmax(-1)
+    loss = speechbrain.nnet.losses.ctc_loss(
+        log_probs, targets, input_lens, target_lens, blank_index=0
+    )
+    (grad,) = torch.autograd.grad(loss, logits, create_graph=True)
+    return torch.autograd.grad(grad.pow(2).sum(), logits)[0]
+
+
+def test_context_manager_makes_speechbrain_ctc_twice_differentiable():
+    batch = speechbrain_batch()
+    native = F.ctc_loss
+    with pytest.raises(RuntimeError, match=NO_DOUBLE_BACKWARD):
+        double_backward_of_speechbrain_ctc(*batch)
+    with twice_differentiable_ctc():
+        assert F.ctc_loss is ctc_loss_differentiable
+        hvp = double_backward_of_speechbrain_ctc(*batch)
+        # torch.nn.CTCLoss looks the function up at call time as well
+        loss = torch.nn.CTCLoss()(
+            batch[0].log_softmax(-1).transpose(0, 1), batch[1], [16, 12, 8], [4, 2, 1]
+        )
+        assert loss.grad_fn.name() != "CtcLossBackward0"
+    assert F.ctc_loss is native
+    assert torch.isfinite(hvp).all() and hvp.abs().sum() > 0
+    with pytest.raises(RuntimeError, match=NO_DOUBLE_BACKWARD):
+        double_backward_of_speechbrain_ctc(*batch)
+
+
+def test_context_manager_restores_after_exception_and_when_nested():
+    native = F.ctc_loss
+    with pytest.raises(ValueError, match="inside"):
+        with twice_differentiable_ctc():
+            raise ValueError("inside")
+    assert F.ctc_loss is native
+    with twice_differentiable_ctc():
+        with twice_differentiable_ctc():
+            assert F.ctc_loss is ctc_loss_differentiable
+        assert F.ctc_loss is ctc_loss_differentiable  # not restored too early
+        double_backward_of_speechbrain_ctc(*speechbrain_batch())
+    assert F.ctc_loss is native
