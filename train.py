@@ -29,31 +29,91 @@ logger = logging.getLogger(__name__)
 
 
 class ASR:
-    """CTC ASR recipe methods, mixed into the Brain class named in the YAML."""
+    """ASR recipe methods, mixed into the Brain class named in the YAML.
+
+    Without a YAML ``decoder_type`` the model is CTC only (modules ``encoder``
+    and ``ctc_lin``). With ``decoder_type: transformer`` (modules ``CNN``,
+    ``Transformer``, ``ctc_lin``, ``seq_lin``) or ``decoder_type: rnn``
+    (``encoder``, ``embedding``, ``decoder``, ``ctc_lin``, ``seq_lin``) it is a
+    joint CTC + attention model: the loss is ``ctc_weight * CTC +
+    (1 - ctc_weight) * NLL`` and evaluation decodes with the YAML's
+    ``valid_search`` and ``test_search`` beam searchers.
+    """
 
     def compute_forward(self, batch, stage):
-        """Waveforms -> features -> encoder -> CTC log-probabilities."""
+        """Waveforms -> features -> encoder (-> decoder) -> log-probabilities.
+
+        CTC models return ``(p_ctc, wav_lens)``; joint models return
+        ``(p_ctc, p_seq, wav_lens, hyps)``, ``hyps`` being the beam search
+        hypotheses outside training (None in training).
+        """
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
         if stage == sb.Stage.TRAIN and hasattr(self.hparams, "speed_perturb"):
             wavs = self.hparams.speed_perturb(wavs)
         feats = self.hparams.compute_features(wavs)
         feats = self.hparams.normalize(feats, wav_lens)
-        encoded = self.modules.encoder(feats)
-        logits = self.modules.ctc_lin(encoded)
-        return self.hparams.log_softmax(logits), wav_lens
+        decoder_type = getattr(self.hparams, "decoder_type", None)
+        if decoder_type is None:
+            encoded = self.modules.encoder(feats)
+            logits = self.modules.ctc_lin(encoded)
+            return self.hparams.log_softmax(logits), wav_lens
+        encoded, decoded = self.encode_decode(
+            decoder_type, feats, batch.tokens_bos.data, wav_lens
+        )
+        p_ctc = self.hparams.log_softmax(self.modules.ctc_lin(encoded))
+        p_seq = self.hparams.log_softmax(self.modules.seq_lin(decoded))
+        hyps = None
+        if stage != sb.Stage.TRAIN:
+            search = (
+                self.hparams.valid_search
+                if stage == sb.Stage.VALID
+                else self.hparams.test_search
+            )
+            hyps, _, _, _ = search(encoded.detach(), wav_lens)
+        return p_ctc, p_seq, wav_lens, hyps
+
+    def encode_decode(self, decoder_type, feats, tokens_bos, wav_lens):
+        """Encoder and teacher-forced decoder states of a joint model."""
+        if decoder_type == "transformer":
+            return self.modules.Transformer(
+                self.modules.CNN(feats),
+                tokens_bos,
+                wav_lens,
+                pad_idx=self.hparams.pad_index,
+            )
+        if decoder_type == "rnn":
+            encoded = self.modules.encoder(feats)
+            embedded = self.modules.embedding(tokens_bos)
+            decoded, _ = self.modules.decoder(embedded, encoded, wav_lens)
+            return encoded, decoded
+        raise ValueError(
+            f"decoder_type must be transformer or rnn, not {decoder_type!r}."
+        )
 
     def compute_objectives(self, predictions, batch, stage):
-        """CTC loss; error rates of greedy decoding outside training."""
-        p_ctc, wav_lens = predictions
+        """CTC (+ attention) loss; error rates of the decoding outside training.
+
+        CTC models are decoded greedily, joint models by beam search.
+        """
         tokens, tokens_lens = batch.tokens
-        loss = self.hparams.ctc_cost(p_ctc, tokens, wav_lens, tokens_lens)
+        if len(predictions) == 2:
+            p_ctc, wav_lens = predictions
+            loss = self.hparams.ctc_cost(p_ctc, tokens, wav_lens, tokens_lens)
+            if stage != sb.Stage.TRAIN:
+                hyps = sb.decoders.ctc_greedy_decode(
+                    p_ctc, wav_lens, blank_id=self.hparams.blank_index
+                )
+        else:
+            p_ctc, p_seq, wav_lens, hyps = predictions
+            tokens_eos, tokens_eos_lens = batch.tokens_eos
+            loss_ctc = self.hparams.ctc_cost(p_ctc, tokens, wav_lens, tokens_lens)
+            loss_seq = self.hparams.seq_cost(p_seq, tokens_eos, length=tokens_eos_lens)
+            weight = self.hparams.ctc_weight
+            loss = weight * loss_ctc + (1 - weight) * loss_seq
         if stage != sb.Stage.TRAIN:
-            sequences = sb.decoders.ctc_greedy_decode(
-                p_ctc, wav_lens, blank_id=self.hparams.blank_index
-            )
             predicted = [
-                "".join(self.tokenizer.decode_ndim(seq)).split() for seq in sequences
+                "".join(self.tokenizer.decode_ndim(seq)).split() for seq in hyps
             ]
             targets = [text.split() for text in batch.wrd]
             self.wer_metric.append(batch.id, predicted, targets)
@@ -115,25 +175,23 @@ def read_tasks(hparams: dict, dataset) -> tuple:
     return list(sources), targets
 
 
-def dataio_prepare(hparams: dict) -> tuple:
-    """Datasets of the source tasks and the shared character encoder."""
+def read_manifests(hparams: dict) -> dict:
+    """The train, valid and test manifests of the YAML, every task included."""
     replacements = {"data_root": hparams["data_folder"]}
-    datasets = {
+    return {
         split: sb.dataio.dataset.DynamicItemDataset.from_csv(
             hparams[f"{split}_csv"], replacements=replacements
         )
         for split in ("train", "valid", "test")
     }
-    sources, targets = read_tasks(hparams, datasets["train"])
-    logger.info(f"Source tasks: {sources}; held-out targets: {targets}")
-    key = hparams["task_key"]
-    for split, data in datasets.items():
-        datasets[split] = data.filtered_sorted(
-            key_test={key: lambda task: task in sources},
-            key_max_value={"duration": hparams["max_duration"]},
-        )
 
-    encoder = sb.dataio.encoder.CTCTextEncoder()
+
+def add_pipelines(datasets: list, encoder) -> None:
+    """Audio and character pipelines of the recipe, encoded with ``encoder``.
+
+    The encoder is read when items are fetched, so it may still be filled in
+    (``load_or_create``) or extended after this call.
+    """
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
@@ -153,9 +211,27 @@ def dataio_prepare(hparams: dict) -> tuple:
         yield torch.LongTensor([encoder.get_bos_index()] + tokens_list)
         yield torch.LongTensor(tokens_list + [encoder.get_eos_index()])
 
-    data = list(datasets.values())
-    sb.dataio.dataset.add_dynamic_item(data, audio_pipeline)
-    sb.dataio.dataset.add_dynamic_item(data, text_pipeline)
+    sb.dataio.dataset.add_dynamic_item(datasets, audio_pipeline)
+    sb.dataio.dataset.add_dynamic_item(datasets, text_pipeline)
+    sb.dataio.dataset.set_output_keys(
+        datasets, ["id", "sig", "wrd", "tokens", "tokens_bos", "tokens_eos"]
+    )
+
+
+def dataio_prepare(hparams: dict) -> tuple:
+    """Datasets of the source tasks and the shared character encoder."""
+    datasets = read_manifests(hparams)
+    sources, targets = read_tasks(hparams, datasets["train"])
+    logger.info(f"Source tasks: {sources}; held-out targets: {targets}")
+    key = hparams["task_key"]
+    for split, data in datasets.items():
+        datasets[split] = data.filtered_sorted(
+            key_test={key: lambda task: task in sources},
+            key_max_value={"duration": hparams["max_duration"]},
+        )
+
+    encoder = sb.dataio.encoder.CTCTextEncoder()
+    add_pipelines(list(datasets.values()), encoder)
     encoder.load_or_create(
         path=hparams["label_encoder_file"],
         from_didatasets=[datasets["train"]],
@@ -173,9 +249,6 @@ def dataio_prepare(hparams: dict) -> tuple:
             f"The source tasks have {len(encoder)} tokens but the model has "
             f"output_neurons: {hparams['output_neurons']}; raise it in the YAML."
         )
-    sb.dataio.dataset.set_output_keys(
-        data, ["id", "sig", "wrd", "tokens", "tokens_bos", "tokens_eos"]
-    )
     return datasets, encoder
 
 
