@@ -23,7 +23,7 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(PY) recipes/EmbeddedCorpus/prepare.py --size demo --data_folder $(DATA)/embedded
+	$(PY) -m recipes.embedded_corpus.prepare --size demo --data_folder $(DATA)/embedded --download_folder $(DATA)/downloads
 
 lint: setup
 	$(PY) -m ruff check .
