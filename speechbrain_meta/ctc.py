@@ -3,7 +3,7 @@
 ``torch.nn.functional.ctc_loss`` has no double backward: second-order MAML
 through it fails with "derivative for aten::_ctc_loss_backward is not
 implemented". :func:`ctc_loss_differentiable` has the same interface and
-semantics and is differentiable any number of times up to second order:
+semantics, and autograd can differentiate it twice:
 
 * the forward pass runs the log-space CTC forward recursion, vectorised over
   the batch and the ``2 S + 1`` blank-interleaved label positions, with a
@@ -40,6 +40,7 @@ torch.Size([20, 2, 5])
 """
 
 import contextlib
+import math
 import threading
 from typing import Iterator, NamedTuple, Sequence, Tuple, Union
 
@@ -148,12 +149,15 @@ def _make_plan(
     start = torch.full_like(skip, _NEG)
     start[:, 2:4] = 0.0
 
-    time = torch.arange(frames, device=device)[:, None, None]
-    flip_time = input_lengths[None, :, None] - 1 - time
-    flip_mask = (flip_time >= 0) & (positions < ext_lengths[:, None])
-    rows = torch.arange(batch, device=device)[None, :, None]
-    flip_index = (flip_time.clamp(min=0) * batch + rows) * states + reverse
-    flip_index = torch.where(flip_mask, flip_index, 0)
+    # (t, b, s) <-> (T_b - 1 - t, b, L_b - 1 - s) as flat indices of (T, B, L)
+    time = torch.arange(frames, device=device)
+    last = (input_lengths - 1) * batch + torch.arange(batch, device=device)
+    flip_index = (last * states + ext_lengths - 1)[:, None] - positions
+    flip_index = flip_index - (time * batch * states)[:, None, None]
+    flip_index.clamp_(0, frames * batch * states - 1)
+    flip_mask = (time[:, None] < input_lengths)[..., None] & (
+        positions < ext_lengths[:, None]
+    )
 
     last = (input_lengths - 1).clamp(min=0)[:, None]
     final_state = ext_lengths[:, None] - torch.tensor([1, 2], device=device)
@@ -231,6 +235,16 @@ def _split(flat: torch.Tensor, plan: _Plan) -> Tuple[torch.Tensor, torch.Tensor]
     return rows[:, : plan.batch], rows[:, plan.batch :].take(plan.flip_index)
 
 
+def _exp(log_values: torch.Tensor) -> torch.Tensor:
+    """In-place ``exp`` that flushes results below the smallest normal to 0.
+
+    Those are negligible next to the other terms, and subnormal arithmetic
+    is slow on CPUs.
+    """
+    tiny = torch.finfo(log_values.dtype).tiny
+    return F.threshold_(log_values, math.log(tiny), float("-inf")).exp_()
+
+
 def _posterior_weights(
     emissions: torch.Tensor,
     alpha: torch.Tensor,
@@ -241,7 +255,7 @@ def _posterior_weights(
     forward, backward = _split(alpha, plan)
     log_post = forward + backward - emissions - log_likelihood[:, None]
     mask = plan.flip_mask & (log_likelihood > _NEG / 2)[:, None]
-    return log_post.masked_fill(~mask, float("-inf")).exp()
+    return _exp(log_post.masked_fill_(~mask, float("-inf")))
 
 
 def _posterior_graph(
@@ -266,12 +280,13 @@ def _posterior_graph(
     point = flat.detach()
     scale = torch.exp(flat - point)
     with torch.no_grad():
-        log_weights = (
-            alpha[:-1].unfold(1, 3, 1) + (point[1:, 2:] - alpha[1:, 2:])[..., None]
+        # log sum_k exp(alpha[t-1, s-2+k]); +inf where alpha[t, s] is impossible
+        incoming = (alpha[1:, 2:] - point[1:, 2:]).masked_fill_(
+            alpha[1:, 2:] <= _NEG / 2, float("inf")
         )
+        log_weights = alpha[:-1].unfold(1, 3, 1) - incoming[..., None]
         log_weights[..., 0] += plan.skip
-        unreachable = (alpha[1:, 2:] <= _NEG / 2)[..., None]
-        weights = log_weights.exp_().masked_fill_(unreachable, 0.0)
+        weights = _exp(log_weights)
         start = ((plan.start == 0) & (alpha[0] > _NEG / 2)).to(alpha.dtype)
     weights = weights * scale[1:, 2:, None]
     state = scale[0] * start
