@@ -218,6 +218,16 @@ def add_pipelines(datasets: list, encoder) -> None:
     )
 
 
+def special_labels(hparams: dict) -> dict:
+    """The blank, bos, eos and unknown labels of the character encoder."""
+    return {
+        "blank_label": hparams["blank_index"],
+        "bos_label": hparams["bos_index"],
+        "eos_label": hparams["eos_index"],
+        "unk_label": "<unk>",
+    }
+
+
 def dataio_prepare(hparams: dict) -> tuple:
     """Datasets of the source tasks and the shared character encoder."""
     datasets = read_manifests(hparams)
@@ -236,12 +246,7 @@ def dataio_prepare(hparams: dict) -> tuple:
         path=hparams["label_encoder_file"],
         from_didatasets=[datasets["train"]],
         output_key="char_list",
-        special_labels={
-            "blank_label": hparams["blank_index"],
-            "bos_label": hparams["bos_index"],
-            "eos_label": hparams["eos_index"],
-            "unk_label": "<unk>",
-        },
+        special_labels=special_labels(hparams),
         sequence_input=True,
     )
     if len(encoder) > hparams["output_neurons"]:
