@@ -1,0 +1,81 @@
+"""The generic recipe: every YAML loads, every CTC config trains end to end."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hyperpyyaml import load_hyperpyyaml
+
+REPO = Path(__file__).resolve().parents[1]
+YAMLS = sorted((REPO / "hparams").glob("*.yaml"))
+CTC_YAMLS = [p for p in YAMLS if p.stem.endswith("_ctc") and "adapt" not in p.stem]
+# The tiny corpus has 8 train and 2 dev/test utterances per language.
+TINY = [
+    "--support_size", "3", "--query_size", "3",
+    "--eval_support_size", "1", "--eval_query_size", "1",
+]  # fmt: skip
+
+
+def run_train(yaml: Path, corpus: dict, output: Path, *options: str) -> str:
+    command = [
+        sys.executable, "train.py", str(yaml),
+        "--data_folder", corpus["data_folder"], "--skip_prep", "True",
+        "--output_folder", str(output), *TINY, *options,
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("yaml", YAMLS, ids=lambda p: p.name)
+def test_yaml_loads(yaml, tmp_path):
+    with open(yaml, encoding="utf-8") as fin:
+        hparams = load_hyperpyyaml(fin, {"output_folder": str(tmp_path)})
+    assert hparams
+
+
+@pytest.mark.parametrize("yaml", CTC_YAMLS, ids=lambda p: p.name)
+def test_ctc_recipe_runs_debug_to_the_end(yaml, tiny_corpus, tmp_path):
+    assert len(CTC_YAMLS) == 4
+    run_train(yaml, tiny_corpus, tmp_path, "--debug")
+    for name in ("wer.txt", "cer.txt"):
+        text = (tmp_path / name).read_text()
+        assert re.search(r"%WER \d+\.\d+", text), text[:200]
+    log = (tmp_path / "train_log.txt").read_text()
+    assert "epoch: 2" in log and "valid CER" in log and "test CER" in log
+    encoder = (tmp_path / "save" / "label_encoder.txt").read_text()
+    assert "'<blank>' => 0" in encoder
+    # The held-out targets (cs, pt) never reach training: no Czech-only letters.
+    assert "'ř'" not in encoder and "'ů'" not in encoder
+
+
+def test_maml_loss_falls_on_tiny_speech(tiny_corpus, tmp_path):
+    run_train(
+        REPO / "hparams" / "maml_ctc.yaml", tiny_corpus, tmp_path,
+        "--number_of_epochs", "3", "--episodes_per_epoch", "5",
+        "--speed_perturb", "null",
+    )  # fmt: skip
+    losses = [
+        float(m) for m in re.findall(
+            r"train loss: ([\d.]+)", (tmp_path / "train_log.txt").read_text()
+        )
+    ]  # fmt: skip
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    checkpoints = list((tmp_path / "save").glob("CKPT+*/model.ckpt"))
+    assert checkpoints
+
+
+def test_source_tasks_restrict_training(tiny_corpus, tmp_path):
+    """Only the named source tasks reach the model and its character set."""
+    run_train(
+        REPO / "hparams" / "fomaml_ctc.yaml", tiny_corpus, tmp_path, "--debug",
+        "--source_tasks", "[de, fr]", "--tasks_per_batch", "2",
+    )  # fmt: skip
+    assert "Source tasks: ['de', 'fr']" in (tmp_path / "log.txt").read_text()
+    encoder = (tmp_path / "save" / "label_encoder.txt").read_text()
+    assert "'ß'" in encoder and "'é'" in encoder  # German and French letters
+    assert "'д'" not in encoder and "'ñ'" not in encoder  # Russian, Spanish
