@@ -215,6 +215,72 @@ def test_gradcheck_and_gradgradcheck(wrt):
     assert torch.autograd.gradgradcheck(loss_fn, (x,))
 
 
+def reference_losses(log_probs, targets, input_lengths, target_lengths, blank):
+    """Textbook CTC forward recursion, one sample at a time, in plain torch ops
+    that autograd differentiates (twice): the oracle for the derivatives.
+
+    Impossible states hold -1e4 rather than -inf (no NaN gradients); feasible
+    samples with at least one frame only."""
+    losses = []
+    for b, (frames, length) in enumerate(zip(input_lengths, target_lengths)):
+        extended = [blank]
+        for label in targets[b, :length].tolist():
+            extended += [label, blank]
+        emissions = log_probs[:frames, b, extended]
+        impossible = torch.full((2,), -1e4, dtype=log_probs.dtype)
+        skip = torch.tensor(
+            [
+                s % 2 == 1 and s > 1 and extended[s] != extended[s - 2]
+                for s in range(len(extended))
+            ]
+        )
+        alpha = torch.cat([emissions[0, :2], impossible[:1].expand(len(extended) - 2)])
+        alpha = alpha[: len(extended)]
+        for t in range(1, frames):
+            padded = torch.cat([impossible, alpha])
+            two_back = torch.where(skip, padded[:-2], impossible[0])
+            terms = torch.stack([alpha, padded[1:-1], two_back])
+            alpha = terms.logsumexp(0) + emissions[t]
+        losses.append(-alpha[-2:].logsumexp(0) if length else -alpha[-1])
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("blank", [0, 2])
+def test_second_derivatives_match_autograd_reference(blank):
+    generator = torch.Generator().manual_seed(5)
+    log_probs = torch.randn(9, 4, 5, generator=generator, dtype=torch.float64)
+    log_probs = log_probs.log_softmax(-1).requires_grad_()
+    labels = [1, 3, 4] if blank == 2 else [1, 2, 3]
+    a, c, d = labels
+    targets = torch.tensor([[a, c, c, d], [d, d, a, 0], [c, 0, 0, 0], [0, 0, 0, 0]])
+    input_lengths, target_lengths = [9, 8, 4, 6], [4, 3, 1, 0]
+    vector = torch.randn(9, 4, 5, generator=generator, dtype=torch.float64)
+    weights = torch.rand(4, generator=generator, dtype=torch.float64)
+    results = []
+    for loss_fn in [ctc_loss_differentiable, reference_losses]:
+        args = (targets, input_lengths, target_lengths, blank)
+        if loss_fn is ctc_loss_differentiable:
+            args += ("none",)
+        loss = (loss_fn(log_probs, *args) * weights).sum()
+        (grad,) = torch.autograd.grad(loss, log_probs, create_graph=True)
+        (hvp,) = torch.autograd.grad((grad * vector).sum(), log_probs)
+        results.append((loss.detach(), grad.detach(), hvp))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("wrt", ["log_probs", "logits"])
+def test_third_derivative_fails_loudly(wrt):
+    logits, targets, input_lengths, target_lengths = make_batch()
+    x = logits if wrt == "logits" else logits.detach().log_softmax(-1)
+    x.requires_grad_()
+    log_probs = x.log_softmax(-1) if wrt == "logits" else x
+    loss = ctc_loss_differentiable(log_probs, targets, input_lengths, target_lengths)
+    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+    (hvp,) = torch.autograd.grad(grad.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="third derivative is not implemented"):
+        torch.autograd.grad(hvp.sum(), x)
+
+
 def test_hessian_vector_product_of_a_linear_model():
     """Second order through a linear layer: HVP = finite difference of grads."""
     generator = torch.Generator().manual_seed(3)
