@@ -404,6 +404,7 @@ class MetaBrain(sb.Brain):
     def _train_loader_specifics(self, dataset, loader_kwargs):
         """Register the episode sampler so Brain calls its ``set_epoch``."""
         loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
-        if self.train_sampler is None:
-            self.train_sampler = loader_kwargs.get("batch_sampler")
+        sampler = loader_kwargs.get("batch_sampler")
+        if sampler is not None and not self.distributed_launch:
+            self.train_sampler = sampler
         return loader_kwargs
