@@ -257,8 +257,19 @@ def dataio_prepare(hparams: dict) -> tuple:
     return datasets, encoder
 
 
-def main(argv: list) -> None:
-    """Prepare data, meta-train, then meta-test on held-out speakers."""
+def load_experiment(argv: list) -> tuple:
+    """A recipe's command line: its YAML loaded, its output folder created.
+
+    Arguments
+    ---------
+    argv : list of str
+        The YAML file, then SpeechBrain run options and YAML overrides.
+
+    Returns
+    -------
+    tuple
+        The loaded hparams (dict) and the run options.
+    """
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     sb.utils.distributed.ddp_init_group(run_opts)
     with open(hparams_file, encoding="utf-8") as fin:
@@ -268,6 +279,12 @@ def main(argv: list) -> None:
         hyperparams_to_save=hparams_file,
         overrides=overrides,
     )
+    return hparams, run_opts
+
+
+def main(argv: list) -> None:
+    """Prepare data, meta-train, then meta-test on held-out speakers."""
+    hparams, run_opts = load_experiment(argv)
     if not hparams["skip_prep"]:
         from recipes.embedded_corpus.prepare import prepare_embedded_corpus
 
