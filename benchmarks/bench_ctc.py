@@ -114,8 +114,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, help="torch.set_num_threads (default: torch's)"
+    )
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     lines = [
         f"Device: {args.device} ({platform.processor() or platform.machine()}, "

@@ -77,7 +77,7 @@ class _Plan(NamedTuple):
     rows: int
     width: int
     flip_index: torch.Tensor  # (T, B, L): (t, s) <-> (T_b - 1 - t, L_b - 1 - s)
-    flip_mask: torch.Tensor  # (T, B, L): t < T_b and s < L_b
+    outside: torch.Tensor  # (T, B, L): t >= T_b or s >= L_b
     skip: torch.Tensor  # (N - 2,): 0 where s - 2 -> s is allowed, else _NEG
     start: torch.Tensor  # (N,): 0 on the positions 0 and 1 of each row
     final_index: torch.Tensor  # (B, 2): flat index of alpha[T_b - 1, L_b - {1, 2}]
@@ -160,8 +160,8 @@ def _make_plan(
     flip_index = (last * states + ext_lengths - 1)[:, None] - positions
     flip_index = flip_index - (time * batch * states)[:, None, None]
     flip_index.clamp_(0, frames * batch * states - 1)
-    flip_mask = (time[:, None] < input_lengths)[..., None] & (
-        positions < ext_lengths[:, None]
+    outside = (time[:, None] >= input_lengths)[..., None] | (
+        positions >= ext_lengths[:, None]
     )
 
     last = (input_lengths - 1).clamp(min=0)[:, None]
@@ -175,7 +175,7 @@ def _make_plan(
         rows=2 * batch,
         width=width,
         flip_index=flip_index,
-        flip_mask=flip_mask,
+        outside=outside,
         skip=skip.reshape(-1)[2:],
         start=start.reshape(-1),
         final_index=final_index,
@@ -191,7 +191,7 @@ def _layout(values: torch.Tensor, plan: _Plan, fill: float) -> torch.Tensor:
 
     Padding entries and reversed entries outside the sequences hold ``fill``.
     """
-    reversed_values = torch.where(plan.flip_mask, values.take(plan.flip_index), fill)
+    reversed_values = values.take(plan.flip_index).masked_fill_(plan.outside, fill)
     both = torch.cat([values, reversed_values], dim=1)
     return F.pad(both, (2, 0), value=fill).flatten(1)
 
@@ -260,10 +260,10 @@ def _posterior_weights(
     sequences and for infeasible ones.
     """
     log_likelihood = _log_likelihood(alpha, plan)
+    log_likelihood.masked_fill_(log_likelihood <= _NEG / 2, float("inf"))
     forward, backward = _split(alpha, plan)
-    log_post = forward + backward - emissions - log_likelihood[:, None]
-    mask = plan.flip_mask & (log_likelihood > _NEG / 2)[:, None]
-    return _exp(log_post.masked_fill_(~mask, float("-inf")))
+    log_post = (forward + backward).sub_(emissions).sub_(log_likelihood[:, None])
+    return _exp(log_post.masked_fill_(plan.outside, float("-inf")))
 
 
 def _transition_weights(
@@ -326,24 +326,25 @@ class _Posterior(torch.autograd.Function):
         ctx,
         emissions: torch.Tensor,
         grad: torch.Tensor,
+        clean: torch.Tensor,
         alpha: torch.Tensor,
         plan: _Plan,
     ) -> torch.Tensor:
-        posterior = _posterior_weights(emissions, alpha, plan)
-        ctx.save_for_backward(emissions, grad, alpha, posterior)
+        posterior = _posterior_weights(clean, alpha, plan)
+        ctx.save_for_backward(emissions, grad, clean, alpha, posterior)
         ctx.plan = plan
         return posterior * grad[:, None]
 
     @staticmethod
     def backward(
         ctx, upstream: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, None, None]:
-        emissions, grad, alpha, posterior = ctx.saved_tensors
+    ) -> Tuple[torch.Tensor, torch.Tensor, None, None, None]:
+        emissions, grad, clean, alpha, posterior = ctx.saved_tensors
         plan = ctx.plan
         with torch.no_grad():
-            cotangent = upstream.masked_fill(~plan.flip_mask, 0.0)
+            cotangent = upstream.masked_fill(plan.outside, 0.0)
             expected = (posterior * cotangent).sum((0, 2))  # E[U] per sample
-            flat_emissions = _layout(emissions, plan, _NEG)
+            flat_emissions = _layout(clean, plan, _NEG)
             weights = _transition_weights(flat_emissions, alpha, plan)
             before, after = _split(
                 _expected_prefix_sums(weights, _layout(cotangent, plan, 0.0)), plan
@@ -354,7 +355,7 @@ class _Posterior(torch.autograd.Function):
             hvp, expected = _NoThirdOrder.apply(
                 hvp, expected, emissions, grad, upstream
             )
-        return hvp, expected, None, None
+        return hvp, expected, None, None, None
 
 
 class _NoThirdOrder(torch.autograd.Function):
@@ -388,17 +389,21 @@ class _LogLikelihood(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, emissions: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        alpha = _recursion(_layout(emissions, plan, _NEG), plan)
-        ctx.save_for_backward(emissions, alpha)
+        # -inf becomes _NEG; entries outside the sequences become constants, so
+        # that whatever they hold (NaN included) reaches neither the loss nor
+        # its derivatives, which are zero there.
+        clean = emissions.clamp(min=_NEG).masked_fill_(plan.outside, 0.0)
+        alpha = _recursion(_layout(clean, plan, _NEG), plan)
+        ctx.save_for_backward(emissions, clean, alpha)
         ctx.plan = plan
         return _log_likelihood(alpha, plan)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
-        emissions, alpha = ctx.saved_tensors
+        emissions, clean, alpha = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: keep it differentiable
-            return _Posterior.apply(emissions, grad, alpha, ctx.plan), None
-        return _posterior_weights(emissions, alpha, ctx.plan) * grad[:, None], None
+            return _Posterior.apply(emissions, grad, clean, alpha, ctx.plan), None
+        return _posterior_weights(clean, alpha, ctx.plan).mul_(grad[:, None]), None
 
 
 def ctc_loss_differentiable(
@@ -497,12 +502,6 @@ def ctc_loss_differentiable(
         labels, input_lengths, target_lengths, steps, blank, dtype
     )
     emissions = log_probs[:steps].to(dtype).gather(2, extended.expand(steps, -1, -1))
-    # Frames past each input length: constant, so that any value they hold
-    # (NaN included) reaches neither the loss nor its derivatives.
-    in_input = (
-        torch.arange(steps, device=device)[:, None, None] < input_lengths[:, None]
-    )
-    emissions = torch.where(in_input, emissions.clamp(min=_NEG), 0.0)
     log_likelihood = _LogLikelihood.apply(emissions, plan)
 
     feasible = log_likelihood.detach() > _NEG / 2
