@@ -1,0 +1,386 @@
+"""Results of the adaptation protocol: CSV, Markdown report, plots, stage records.
+
+The protocol adapts every initialisation to every target language with every
+budget and records the test error rates along the adaptation curve, one row
+per curve point with the columns of :data:`RESULT_FIELDS`. This module reads
+and writes those rows (:func:`write_results`, :func:`read_results`), turns
+them into a Markdown report (:func:`report_markdown`) and PNG plots of CER
+against adaptation steps (:func:`plot_curves`), and records which stages of
+a protocol run are finished (:func:`stage_done`, :func:`mark_stage_done`)
+so that a rerun reuses them.
+
+Example
+-------
+>>> rows = [
+...     {"init": "maml", "target": "cs", "budget": "2min", "step": 0,
+...      "cer": 90.0, "wer": 100.0},
+...     {"init": "maml", "target": "cs", "budget": "2min", "step": 50,
+...      "cer": 40.0, "wer": 80.0},
+... ]
+>>> import os, tempfile
+>>> path = os.path.join(tempfile.mkdtemp(), "adaptation.csv")
+>>> write_results(rows, path)
+>>> read_results(path) == rows
+True
+"""
+
+import csv
+import json
+import os
+import re
+from collections import defaultdict
+from typing import Dict, List, Sequence, Tuple
+
+from speechbrain_meta.adaptation import BUDGET_UNITS
+
+__all__ = [
+    "RESULT_FIELDS",
+    "budget_label",
+    "final_points",
+    "mark_stage_done",
+    "plot_curves",
+    "read_results",
+    "report_markdown",
+    "stage_done",
+    "write_results",
+]
+
+RESULT_FIELDS = ("init", "target", "budget", "step", "cer", "wer")
+_UNIT_SUFFIX = dict(zip(BUDGET_UNITS, ("min", "utt")))
+_LABEL = re.compile(r"^(\d+(?:\.\d+)?)(min|utt)$")
+STAGE_RECORD = "stage.json"
+
+
+def budget_label(value: float, unit: str) -> str:
+    """The name of a budget in the results, e.g. ``2min`` or ``50utt``.
+
+    Arguments
+    ---------
+    value : float
+        The budget.
+    unit : str
+        ``minutes`` or ``utterances``.
+
+    Returns
+    -------
+    str
+        The value (without a trailing ``.0``) and a unit suffix.
+
+    Example
+    -------
+    >>> budget_label(2.0, "minutes"), budget_label(0.5, "minutes")
+    ('2min', '0.5min')
+    >>> budget_label(50, "utterances")
+    '50utt'
+    """
+    if unit not in _UNIT_SUFFIX:
+        raise ValueError(f"Unknown budget unit '{unit}'; use one of {BUDGET_UNITS}.")
+    return f"{float(value):g}{_UNIT_SUFFIX[unit]}"
+
+
+def _budget_order(label: str) -> Tuple[str, float]:
+    match = _LABEL.match(label)
+    return (match.group(2), float(match.group(1))) if match else (label, 0.0)
+
+
+def write_results(rows: Sequence[dict], path: str) -> None:
+    """Write result rows as CSV (the columns of RESULT_FIELDS), atomically.
+
+    Arguments
+    ---------
+    rows : sequence of dict
+        Rows with at least the keys of :data:`RESULT_FIELDS`.
+    path : str
+        The CSV file; its folder is created.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = f"{path}.partial"
+    with open(partial, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, RESULT_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(partial, path)
+
+
+def read_results(path: str) -> List[dict]:
+    """Read result rows written by :func:`write_results`.
+
+    Arguments
+    ---------
+    path : str
+        The CSV file.
+
+    Returns
+    -------
+    list of dict
+        Rows with ``step`` as int and ``cer`` / ``wer`` as float.
+
+    Raises
+    ------
+    ValueError
+        If the columns are not those of :data:`RESULT_FIELDS`.
+    """
+    with open(path, newline="", encoding="utf-8") as stream:
+        reader = csv.DictReader(stream)
+        if tuple(reader.fieldnames or ()) != RESULT_FIELDS:
+            raise ValueError(
+                f"{path} has columns {reader.fieldnames}, expected {RESULT_FIELDS}."
+            )
+        return [
+            {
+                **row,
+                "step": int(row["step"]),
+                "cer": float(row["cer"]),
+                "wer": float(row["wer"]),
+            }
+            for row in reader
+        ]
+
+
+def final_points(rows: Sequence[dict]) -> Dict[Tuple[str, str, str], dict]:
+    """The row of the last curve step of every (target, budget, init).
+
+    Arguments
+    ---------
+    rows : sequence of dict
+        Result rows.
+
+    Returns
+    -------
+    dict
+        ``(target, budget, init) -> row``.
+
+    Example
+    -------
+    >>> rows = [{"init": "a", "target": "t", "budget": "1min", "step": s,
+    ...          "cer": 50.0 - s, "wer": 90.0} for s in (0, 10)]
+    >>> final_points(rows)[("t", "1min", "a")]["cer"]
+    40.0
+    """
+    last = {}
+    for row in rows:
+        key = (row["target"], row["budget"], row["init"])
+        if key not in last or row["step"] > last[key]["step"]:
+            last[key] = row
+    return last
+
+
+def _ordered(values, key=None) -> list:
+    """Distinct values in order of first appearance (or sorted by ``key``)."""
+    distinct = list(dict.fromkeys(values))
+    return sorted(distinct, key=key) if key else distinct
+
+
+def report_markdown(
+    rows: Sequence[dict],
+    comparisons: Sequence[Sequence[str]] = (),
+    title: str = "Low-resource adaptation",
+) -> str:
+    """A Markdown report of the protocol's results.
+
+    It has one table of CER along the adaptation curve (one line per target,
+    budget and initialisation, with the WER of the last step) and, for each
+    pair ``(a, b)`` of ``comparisons``, on how many (target, budget) pairs
+    ``a`` ends with a lower CER than ``b``.
+
+    Arguments
+    ---------
+    rows : sequence of dict
+        Result rows.
+    comparisons : sequence of (str, str)
+        Pairs of initialisation names.
+    title : str
+        The report's title.
+
+    Returns
+    -------
+    str
+        The report.
+
+    Example
+    -------
+    >>> rows = [{"init": i, "target": "cs", "budget": "2min", "step": 10,
+    ...          "cer": c, "wer": 90.0} for i, c in (("maml", 30.0), ("random", 80.0))]
+    >>> print(report_markdown(rows, [("maml", "random")], title="Demo"))
+    # Demo
+    <BLANKLINE>
+    CER (%) on each target's test set after 10 adaptation steps; WER (%) after the last.
+    <BLANKLINE>
+    | target | budget | init | CER@10 | WER@10 |
+    | --- | --- | --- | ---: | ---: |
+    | cs | 2min | maml | 30.00 | 90.00 |
+    | cs | 2min | random | 80.00 | 90.00 |
+    <BLANKLINE>
+    Final CER (last step), pairwise:
+    <BLANKLINE>
+    | comparison | lower CER on | mean CER difference (points) |
+    | --- | ---: | ---: |
+    | maml < random | 1 / 1 | -50.00 |
+    <BLANKLINE>
+    """
+    if not rows:
+        raise ValueError("No results to report.")
+    steps = _ordered((row["step"] for row in rows), key=int)
+    targets = _ordered(row["target"] for row in rows)
+    budgets = _ordered((row["budget"] for row in rows), key=_budget_order)
+    inits = _ordered(row["init"] for row in rows)
+    cer = {(r["target"], r["budget"], r["init"], r["step"]): r["cer"] for r in rows}
+    last = final_points(rows)
+    lines = [
+        f"# {title}",
+        "",
+        f"CER (%) on each target's test set after {', '.join(map(str, steps))} "
+        "adaptation steps; WER (%) after the last.",
+        "",
+        "| target | budget | init | "
+        + " | ".join(f"CER@{s}" for s in steps)
+        + f" | WER@{steps[-1]} |",
+        "| --- | --- | --- | " + " | ".join("---:" for _ in steps) + " | ---: |",
+    ]
+    for target in targets:
+        for budget in budgets:
+            for init in inits:
+                if (target, budget, init) not in last:
+                    continue
+                cells = [cer.get((target, budget, init, s)) for s in steps]
+                cells = ["" if c is None else f"{c:.2f}" for c in cells]
+                wer = last[(target, budget, init)]["wer"]
+                lines.append(
+                    f"| {target} | {budget} | {init} | {' | '.join(cells)} "
+                    f"| {wer:.2f} |"
+                )
+    if comparisons:
+        lines += [
+            "",
+            "Final CER (last step), pairwise:",
+            "",
+            "| comparison | lower CER on | mean CER difference (points) |",
+            "| --- | ---: | ---: |",
+        ]
+        for first, second in comparisons:
+            pairs = [
+                (last[(t, b, first)]["cer"], last[(t, b, second)]["cer"])
+                for t in targets
+                for b in budgets
+                if (t, b, first) in last and (t, b, second) in last
+            ]
+            if not pairs:
+                continue
+            wins = sum(a < b for a, b in pairs)
+            mean = sum(a - b for a, b in pairs) / len(pairs)
+            lines.append(
+                f"| {first} < {second} | {wins} / {len(pairs)} | {mean:+.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(rows: Sequence[dict], folder: str) -> List[str]:
+    """PNG plots of CER against adaptation steps, one file per target.
+
+    Each file ``cer_<target>.png`` has one panel per budget and one line
+    per initialisation.
+
+    Arguments
+    ---------
+    rows : sequence of dict
+        Result rows.
+    folder : str
+        Where the PNG files go (created).
+
+    Returns
+    -------
+    list of str
+        The paths written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(folder, exist_ok=True)
+    curves = defaultdict(list)
+    for row in rows:
+        curves[(row["target"], row["budget"], row["init"])].append(row)
+    budgets = _ordered((row["budget"] for row in rows), key=_budget_order)
+    inits = _ordered(row["init"] for row in rows)
+    paths = []
+    for target in _ordered(row["target"] for row in rows):
+        shown = [b for b in budgets if any((target, b, i) in curves for i in inits)]
+        figure, axes = plt.subplots(
+            1, len(shown), figsize=(4.2 * len(shown), 3.6), sharey=True, squeeze=False
+        )
+        for axis, budget in zip(axes[0], shown):
+            for init in inits:
+                points = sorted(curves.get((target, budget, init), []), key=_step)
+                if points:
+                    axis.plot(
+                        [p["step"] for p in points],
+                        [p["cer"] for p in points],
+                        marker="o",
+                        label=init,
+                    )
+            axis.set_title(f"{target}, budget {budget}")
+            axis.set_xlabel("adaptation steps")
+            axis.grid(alpha=0.3)
+        axes[0][0].set_ylabel("CER (%)")
+        axes[0][-1].legend()
+        figure.tight_layout()
+        path = os.path.join(folder, f"cer_{target}.png")
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def _step(row: dict) -> int:
+    return row["step"]
+
+
+def stage_done(folder: str, settings: dict) -> bool:
+    """Whether a stage finished in ``folder`` with exactly these settings.
+
+    Arguments
+    ---------
+    folder : str
+        The stage's output folder.
+    settings : dict
+        JSON-serialisable description of the stage (command, options).
+
+    Returns
+    -------
+    bool
+        True if :func:`mark_stage_done` recorded the same settings there.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> stage_done(folder, {"steps": 10})
+    False
+    >>> mark_stage_done(folder, {"steps": 10}, seconds=3.5)
+    >>> stage_done(folder, {"steps": 10}), stage_done(folder, {"steps": 20})
+    (True, False)
+    """
+    record = os.path.join(folder, STAGE_RECORD)
+    if not os.path.isfile(record):
+        return False
+    with open(record, encoding="utf-8") as stream:
+        return json.load(stream)["settings"] == json.loads(json.dumps(settings))
+
+
+def mark_stage_done(folder: str, settings: dict, seconds: float) -> None:
+    """Record that the stage in ``folder`` finished with ``settings``.
+
+    Arguments
+    ---------
+    folder : str
+        The stage's output folder (created).
+    settings : dict
+        JSON-serialisable description of the stage.
+    seconds : float
+        How long it took (kept for the record).
+    """
+    os.makedirs(folder, exist_ok=True)
+    record = {"settings": settings, "seconds": round(seconds, 1)}
+    with open(os.path.join(folder, STAGE_RECORD), "w", encoding="utf-8") as stream:
+        json.dump(record, stream, indent=2, sort_keys=True)
