@@ -232,13 +232,18 @@ def _log_likelihood(alpha: torch.Tensor, plan: _Plan) -> torch.Tensor:
     return torch.where(plan.input_lengths > 0, log_likelihood, empty)
 
 
+def _states(flat: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """The ``(T, R, L)`` label positions of a flat ``(T, N)`` tensor (a view)."""
+    return flat.unflatten(1, (plan.rows, plan.width))[:, :, 2:]
+
+
 def _split(flat: torch.Tensor, plan: _Plan) -> Tuple[torch.Tensor, torch.Tensor]:
     """Alpha-half and beta-half of a flat ``(T, N)`` tensor, both ``(T, B, L)``.
 
     The beta half is flipped back to the original time and label order.
     """
-    rows = flat.unflatten(1, (plan.rows, plan.width))[:, :, 2:]
-    return rows[:, : plan.batch], rows[:, plan.batch :].take(plan.flip_index)
+    states = _states(flat, plan)
+    return states[:, : plan.batch], states[:, plan.batch :].take(plan.flip_index)
 
 
 def _exp(log_values: torch.Tensor) -> torch.Tensor:
@@ -252,7 +257,7 @@ def _exp(log_values: torch.Tensor) -> torch.Tensor:
 
 
 def _posterior_weights(
-    emissions: torch.Tensor, alpha: torch.Tensor, plan: _Plan
+    flat_emissions: torch.Tensor, alpha: torch.Tensor, plan: _Plan
 ) -> torch.Tensor:
     """Posterior of every state ``(T, B, L)``: d log-likelihood / d emission.
 
@@ -262,6 +267,7 @@ def _posterior_weights(
     log_likelihood = _log_likelihood(alpha, plan)
     log_likelihood.masked_fill_(log_likelihood <= _NEG / 2, float("inf"))
     forward, backward = _split(alpha, plan)
+    emissions = _states(flat_emissions, plan)[:, : plan.batch]
     log_post = (forward + backward).sub_(emissions).sub_(log_likelihood[:, None])
     return _exp(log_post.masked_fill_(plan.outside, float("-inf")))
 
@@ -279,10 +285,10 @@ def _transition_weights(
     incoming = (alpha[1:, 2:] - flat_emissions[1:, 2:]).masked_fill_(
         alpha[1:, 2:] <= _NEG / 2, float("inf")
     )
-    columns = alpha.shape[1]
-    log_weights = torch.stack(
-        [alpha[:-1, k : columns - 2 + k] - incoming for k in range(3)]
-    )
+    frames, columns = alpha.shape
+    log_weights = alpha.new_empty(3, frames - 1, columns - 2)
+    for k in range(3):
+        torch.sub(alpha[:-1, k : columns - 2 + k], incoming, out=log_weights[k])
     log_weights[0] += plan.skip
     return _exp(log_weights)
 
@@ -326,12 +332,12 @@ class _Posterior(torch.autograd.Function):
         ctx,
         emissions: torch.Tensor,
         grad: torch.Tensor,
-        clean: torch.Tensor,
+        flat_emissions: torch.Tensor,
         alpha: torch.Tensor,
         plan: _Plan,
     ) -> torch.Tensor:
-        posterior = _posterior_weights(clean, alpha, plan)
-        ctx.save_for_backward(emissions, grad, clean, alpha, posterior)
+        posterior = _posterior_weights(flat_emissions, alpha, plan)
+        ctx.save_for_backward(emissions, grad, flat_emissions, alpha, posterior)
         ctx.plan = plan
         return posterior * grad[:, None]
 
@@ -339,18 +345,17 @@ class _Posterior(torch.autograd.Function):
     def backward(
         ctx, upstream: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor, None, None, None]:
-        emissions, grad, clean, alpha, posterior = ctx.saved_tensors
+        emissions, grad, flat_emissions, alpha, posterior = ctx.saved_tensors
         plan = ctx.plan
         with torch.no_grad():
             cotangent = upstream.masked_fill(plan.outside, 0.0)
             expected = (posterior * cotangent).sum((0, 2))  # E[U] per sample
-            flat_emissions = _layout(clean, plan, _NEG)
             weights = _transition_weights(flat_emissions, alpha, plan)
             before, after = _split(
                 _expected_prefix_sums(weights, _layout(cotangent, plan, 0.0)), plan
             )
-            centred = cotangent + before + after - expected[:, None]
-            hvp = posterior * centred * grad[:, None]
+            centred = cotangent.add_(before).add_(after).sub_(expected[:, None])
+            hvp = centred.mul_(posterior).mul_(grad[:, None])
         if torch.is_grad_enabled():  # create_graph=True: a third order would follow
             hvp, expected = _NoThirdOrder.apply(
                 hvp, expected, emissions, grad, upstream
@@ -393,17 +398,20 @@ class _LogLikelihood(torch.autograd.Function):
         # that whatever they hold (NaN included) reaches neither the loss nor
         # its derivatives, which are zero there.
         clean = emissions.clamp(min=_NEG).masked_fill_(plan.outside, 0.0)
-        alpha = _recursion(_layout(clean, plan, _NEG), plan)
-        ctx.save_for_backward(emissions, clean, alpha)
+        flat_emissions = _layout(clean, plan, _NEG)
+        alpha = _recursion(flat_emissions, plan)
+        ctx.save_for_backward(emissions, flat_emissions, alpha)
         ctx.plan = plan
         return _log_likelihood(alpha, plan)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
-        emissions, clean, alpha = ctx.saved_tensors
+        emissions, flat_emissions, alpha = ctx.saved_tensors
+        plan = ctx.plan
         if torch.is_grad_enabled():  # create_graph=True: keep it differentiable
-            return _Posterior.apply(emissions, grad, clean, alpha, ctx.plan), None
-        return _posterior_weights(clean, alpha, ctx.plan).mul_(grad[:, None]), None
+            return _Posterior.apply(emissions, grad, flat_emissions, alpha, plan), None
+        posterior = _posterior_weights(flat_emissions, alpha, plan)
+        return posterior.mul_(grad[:, None]), None
 
 
 def ctc_loss_differentiable(
