@@ -98,12 +98,12 @@ def _padded_targets(
 
     Entries past each target's length are arbitrary (the caller masks them).
     """
-    positions = torch.arange(max_length, device=targets.device)
     if targets.dim() == 2:
         return targets[:, :max_length]
     if targets.numel() == 0:
         return targets.new_zeros(target_lengths.numel(), max_length)
     offsets = target_lengths.cumsum(0) - target_lengths
+    positions = torch.arange(max_length, device=targets.device)
     index = (offsets[:, None] + positions).clamp(max=targets.numel() - 1)
     return targets[index]
 
@@ -156,17 +156,17 @@ def _make_plan(
 
     # (t, b, s) <-> (T_b - 1 - t, b, L_b - 1 - s) as flat indices of (T, B, L)
     time = torch.arange(frames, device=device)
-    last = (input_lengths - 1) * batch + torch.arange(batch, device=device)
-    flip_index = (last * states + ext_lengths - 1)[:, None] - positions
+    last_row = (input_lengths - 1) * batch + torch.arange(batch, device=device)
+    flip_index = (last_row * states + ext_lengths - 1)[:, None] - positions
     flip_index = flip_index - (time * batch * states)[:, None, None]
     flip_index.clamp_(0, frames * batch * states - 1)
     outside = (time[:, None] >= input_lengths)[..., None] | (
         positions >= ext_lengths[:, None]
     )
 
-    last = (input_lengths - 1).clamp(min=0)[:, None]
+    last_frame = (input_lengths - 1).clamp(min=0)[:, None]
     final_state = ext_lengths[:, None] - torch.tensor([1, 2], device=device)
-    final_row = last * 2 * batch + torch.arange(batch, device=device)[:, None]
+    final_row = last_frame * 2 * batch + torch.arange(batch, device=device)[:, None]
     final_index = final_row * width + 2 + final_state.clamp(min=0)
     final_mask = (input_lengths[:, None] > 0) & (final_state >= 0)
 
@@ -304,11 +304,11 @@ def _expected_prefix_sums(
     sums = torch.zeros_like(flat_values)
     before = torch.empty_like(flat_values[0])
     previous = (before[:-2], before[1:-1], before[2:])
-    current = sums[:, 2:].unbind(0)
+    rows, values, current = sums.unbind(0), flat_values.unbind(0), sums[:, 2:].unbind(0)
     steps = zip(*(plane.unbind(0) for plane in weights))
     for t, (from_2, from_1, from_0) in enumerate(steps, start=1):
         out = current[t]
-        torch.add(sums[t - 1], flat_values[t - 1], out=before)
+        torch.add(rows[t - 1], values[t - 1], out=before)
         torch.mul(from_2, previous[0], out=out)
         out.addcmul_(from_1, previous[1]).addcmul_(from_0, previous[2])
     return sums
