@@ -77,6 +77,25 @@ def test_matches_native_loss_and_gradient(dtype, blank, form, reduction):
     torch.testing.assert_close(grad, ref_grad, **tolerance)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_matches_native_on_random_batches(seed):
+    """Few classes (many repeated labels), random lengths, some infeasible."""
+    generator = torch.Generator().manual_seed(seed)
+    frames, batch, classes = 15, 7, 3
+    blank = seed % classes
+    logits = torch.randn(frames, batch, classes, generator=generator)
+    logits = logits.double().requires_grad_()
+    targets = torch.randint(0, classes - 1, (batch, 9), generator=generator)
+    targets += (targets >= blank).long()
+    input_lengths = torch.randint(0, frames + 1, (batch,), generator=generator)
+    target_lengths = torch.randint(0, 10, (batch,), generator=generator)
+    args = (targets, input_lengths, target_lengths, blank, "none", True)
+    loss, grad = loss_and_grad(ctc_loss_differentiable, logits, *args)
+    ref_loss, ref_grad = loss_and_grad(F.ctc_loss, logits, *args)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(grad, ref_grad)
+
+
 def test_matches_native_on_realistic_sizes():
     generator = torch.Generator().manual_seed(1)
     logits = torch.randn(80, 4, 30, generator=generator, dtype=torch.float64)
@@ -255,16 +274,19 @@ def test_second_derivatives_match_autograd_reference(blank):
     targets = torch.tensor([[a, c, c, d], [d, d, a, 0], [c, 0, 0, 0], [0, 0, 0, 0]])
     input_lengths, target_lengths = [9, 8, 4, 6], [4, 3, 1, 0]
     vector = torch.randn(9, 4, 5, generator=generator, dtype=torch.float64)
+    # Per-sample weights that depend on the inputs too, as in a weighted loss.
     weights = torch.rand(4, generator=generator, dtype=torch.float64)
+    weights.requires_grad_()
     results = []
     for loss_fn in [ctc_loss_differentiable, reference_losses]:
         args = (targets, input_lengths, target_lengths, blank)
         if loss_fn is ctc_loss_differentiable:
             args += ("none",)
-        loss = (loss_fn(log_probs, *args) * weights).sum()
-        (grad,) = torch.autograd.grad(loss, log_probs, create_graph=True)
-        (hvp,) = torch.autograd.grad((grad * vector).sum(), log_probs)
-        results.append((loss.detach(), grad.detach(), hvp))
+        loss = (loss_fn(log_probs, *args) * weights.exp()).sum()
+        grads = torch.autograd.grad(loss, (log_probs, weights), create_graph=True)
+        projection = (grads[0] * vector).sum() + grads[1].pow(2).sum()
+        hvps = torch.autograd.grad(projection, (log_probs, weights))
+        results.append((loss.detach(), [g.detach() for g in grads], hvps))
     torch.testing.assert_close(results[0], results[1], rtol=1e-9, atol=1e-9)
 
 
@@ -371,3 +393,17 @@ def test_context_manager_restores_after_exception_and_when_nested():
         assert F.ctc_loss is ctc_loss_differentiable  # not restored too early
         double_backward_of_speechbrain_ctc(*speechbrain_batch())
     assert F.ctc_loss is native
+
+
+def test_invalid_arguments_are_rejected():
+    logits, targets, input_lengths, target_lengths = make_batch()
+    log_probs = logits.log_softmax(-1)
+    args = (targets, input_lengths, target_lengths)
+    with pytest.raises(ValueError, match="reduction"):
+        ctc_loss_differentiable(log_probs, *args, reduction="average")
+    with pytest.raises(ValueError, match="blank"):
+        ctc_loss_differentiable(log_probs, *args, blank=6)
+    with pytest.raises(ValueError, match="input_lengths"):
+        ctc_loss_differentiable(log_probs, targets, input_lengths + 1, target_lengths)
+    with pytest.raises(ValueError, match="target_lengths"):
+        ctc_loss_differentiable(log_probs, targets, input_lengths, target_lengths + 1)
