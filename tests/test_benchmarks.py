@@ -1,0 +1,83 @@
+"""Smoke test of the meta-step benchmark: smallest settings, real models."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NAMES = ("maml", "fomaml", "reptile", "multitask")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = REPO_ROOT / "benchmarks" / "bench_meta_step.py"
+    spec = importlib.util.spec_from_file_location("bench_meta_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows(report: str, header: str) -> list[dict]:
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    names = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(names, (c.strip() for c in line.strip("|").split("|")))))
+    return rows
+
+
+def test_parse_spec_reads_overrides(bench):
+    assert bench.parse_spec("h/maml_attention.yaml:decoder_type=rnn,d_model=64") == (
+        "h/maml_attention.yaml",
+        {"decoder_type": "rnn", "d_model": 64},
+    )
+    assert bench.parse_spec("h/maml_ctc.yaml") == ("h/maml_ctc.yaml", {})
+    with pytest.raises(ValueError, match="key=value"):
+        bench.parse_spec("h/maml_ctc.yaml:decoder_type")
+
+
+def test_maml_slope_fits_a_line(bench):
+    intercept, slope, worst = bench.maml_slope([(1, 3.0), (2, 5.0), (4, 9.0)])
+    assert (intercept, slope, worst) == pytest.approx((1.0, 2.0, 0.0))
+    assert bench.maml_slope([(1, 1.0), (2, 2.0), (4, 8.0)])[2] > 0.1
+
+
+def test_benchmark_reports_every_algorithm(bench, tiny_corpus, tmp_path):
+    out = tmp_path / "bench.md"
+    threads = torch.get_num_threads()
+    try:
+        bench.main(
+            [
+                "--data_folder", tiny_corpus["data_folder"],
+                "--hparams", *(str(REPO_ROOT / f"hparams/{a}_ctc.yaml") for a in NAMES),
+                "--steps", "1", "--tasks", "2", "--support", "1", "--query", "1",
+                "--repeats", "1", "--warmup", "0", "--ctc_repeats", "1",
+                "--threads", "1", "--out", str(out),
+            ]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    report = out.read_text()
+    rows = {r["algorithm"]: r for r in table_rows(report, "| model | algorithm")}
+    assert set(rows) == {"MAML", "FOMAML", "Reptile", "MultiTask"}
+    assert {r["model"] for r in rows.values()} == {"ctc"}
+    assert [rows[a]["fwd/bwd per task"] for a in ("MAML", "FOMAML", "Reptile")] == [
+        "2",
+        "2",
+        "1",
+    ]
+    for row in rows.values():
+        ms, plain = float(row["ms / step"]), float(row["plain ms"])
+        assert ms > 0 and plain > 0
+        assert float(row["x plain"]) == pytest.approx(ms / plain, rel=0.05, abs=0.01)
+    # Second order keeps the inner step's graph and its double backward.
+    assert float(rows["MAML"]["peak MiB"]) > 2 * float(rows["FOMAML"]["peak MiB"])
+    assert float(rows["MAML"]["x FOMAML"]) > 1
+    (ctc,) = table_rows(report, "| model | native")
+    assert float(ctc["native fwd+bwd ms"]) > 0
+    assert "- MAML within 2.5x of FOMAML at k = 1 (ctc):" in report
