@@ -14,6 +14,7 @@ machine affects them alike.
 """
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -124,8 +125,9 @@ def main() -> None:
 
     lines = [
         f"Device: {args.device} ({platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads); "
-        f"median of {args.repeats} runs, ms.",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load "
+        f"average {os.getloadavg()[0]:.1f} at start); median of {args.repeats} "
+        "runs, ms.",
         "",
         "| B | T | C | S | native fwd+bwd | differentiable fwd+bwd | ratio "
         "| second order | ratio |",
