@@ -15,11 +15,16 @@ inner steps, ``phi = theta - a * sum_i grad L_S(phi_i)``:
 """
 
 from contextlib import nullcontext
+from functools import partial
 from typing import Optional, Tuple
 
 import torch
 
 from speechbrain_meta.brain import MetaBrain, Tensors
+from speechbrain_meta.diagnostics import (
+    is_double_backward_error,
+    not_twice_differentiable,
+)
 from speechbrain_meta.functional import second_order_context
 
 __all__ = ["FOMAML", "MAML", "MultiTask", "Reptile"]
@@ -59,22 +64,42 @@ class MAML(MetaBrain):
         return bool(self._hparam("first_order", self.default_first_order))
 
     def task_step(self, task) -> Optional[Tuple[torch.Tensor, Tensors]]:
-        """Back-propagate the query loss after adaptation to theta."""
+        """Back-propagate the query loss after adaptation to theta.
+
+        Raises
+        ------
+        RuntimeError
+            In second order, if an operation has no double backward: the
+            error names the module that uses it and suggests ``first_order``.
+        """
         context = nullcontext() if self.first_order else second_order_context()
         with context:
-            adapted = self.inner_loop(
-                task.support,
-                self.inner_steps,
-                self.inner_lr,
-                create_graph=not self.first_order,
-            )
-            if adapted is None:
-                return None
-            loss = self.task_loss(adapted.parameters, adapted.buffers, task.query)
-            if not torch.isfinite(loss):
-                self.check_loss_isfinite(loss)
-                return None
-            loss.backward()
+            try:
+                adapted = self.inner_loop(
+                    task.support,
+                    self.inner_steps,
+                    self.inner_lr,
+                    create_graph=not self.first_order,
+                )
+                if adapted is None:
+                    return None
+                loss = self.task_loss(adapted.parameters, adapted.buffers, task.query)
+                if not torch.isfinite(loss):
+                    self.check_loss_isfinite(loss)
+                    return None
+                loss.backward()
+            except RuntimeError as error:
+                if self.first_order or not is_double_backward_error(error):
+                    raise
+                support_loss = partial(
+                    self.task_loss,
+                    self.meta_parameters(),
+                    self.copy_buffers(),
+                    task.support,
+                )
+                raise not_twice_differentiable(
+                    error, self.objective(), support_loss
+                ) from error
         return loss.detach(), adapted.buffers
 
 
