@@ -112,13 +112,21 @@ class ASR:
             weight = self.hparams.ctc_weight
             loss = weight * loss_ctc + (1 - weight) * loss_seq
         if stage != sb.Stage.TRAIN:
-            predicted = [
-                "".join(self.tokenizer.decode_ndim(seq)).split() for seq in hyps
-            ]
+            predicted = [self.to_words(seq) for seq in hyps]
             targets = [text.split() for text in batch.wrd]
             self.wer_metric.append(batch.id, predicted, targets)
             self.cer_metric.append(batch.id, predicted, targets)
         return loss
+
+    def to_words(self, tokens) -> list:
+        """Words of a decoded token sequence.
+
+        Spare output rows (``output_neurons`` above the number of labels) have
+        no label yet; an untrained model may still emit them, and they are
+        skipped.
+        """
+        labels = self.tokenizer.ind2lab
+        return "".join(labels[t] for t in map(int, tokens) if t in labels).split()
 
     def on_stage_start(self, stage, epoch=None):
         """Fresh error-rate statistics for every evaluation stage."""
