@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""The adaptation protocol from one command: data, initialisations, curves, report.
+
+Reads a protocol YAML (``hparams/protocol_demo.yaml``, ``protocol_full.yaml``)
+and runs its stages in order, each in its own folder under ``output_folder``:
+
+1. data preparation (the YAML's ``data_preparation`` functions);
+2. every initialisation given by a training YAML: ``train.py`` into
+   ``<output_folder>/train/<init>`` (an init may also be an existing
+   checkpoint, see ``adapt.py``, or null: random);
+3. every (target, budget, init): ``adapt.py`` into
+   ``<output_folder>/adapt/<target>/<budget>/<init>``, with the same
+   adaptation YAML and options for every init and the character encoder of
+   the first trained init for all of them;
+4. ``adaptation.csv`` (``init, target, budget, step, cer, wer``), ``report.md``
+   and ``cer_<target>.png`` in ``output_folder``.
+
+A stage whose folder records that it finished with the same command line is
+skipped, so a rerun reuses the finished stages (an interrupted training
+resumes from its checkpoint); change an option and that stage runs again.
+
+Example
+-------
+python evaluate_adaptation.py hparams/protocol_demo.yaml
+python evaluate_adaptation.py hparams/protocol_full.yaml --output_folder results/full
+
+Authors
+-------
+speechbrain-meta developers
+"""
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Optional
+
+import speechbrain as sb
+import torch
+
+import adapt
+import train
+from speechbrain_meta.adaptation import find_init_checkpoint
+from speechbrain_meta.protocol import (
+    budget_label,
+    mark_stage_done,
+    plot_curves,
+    read_results,
+    report_markdown,
+    stage_done,
+    write_results,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def option_args(options: dict) -> list:
+    """YAML overrides as command-line arguments (values written as JSON).
+
+    Arguments
+    ---------
+    options : dict
+        Keys and values.
+
+    Returns
+    -------
+    list of str
+        ``["--key", "value", ...]``.
+    """
+    return [arg for k, v in options.items() for arg in (f"--{k}", json.dumps(v))]
+
+
+def run_option_args(run_opts) -> list:
+    """The SpeechBrain run options given on the command line, as arguments."""
+    args = []
+    for name in sorted(run_opts.overridden_args):
+        value = getattr(run_opts, name)
+        if value is True:
+            args.append(f"--{name}")
+        elif value not in (False, None):
+            args.append(f"--{name}={value}")
+    return args
+
+
+def run_stage(name: str, folder: str, script, argv: list) -> None:
+    """Run ``script.main(argv)`` unless ``folder`` records it as done.
+
+    Arguments
+    ---------
+    name : str
+        What the stage is, for the log.
+    folder : str
+        The stage's output folder.
+    script : module
+        ``train`` or ``adapt``.
+    argv : list of str
+        Its command line.
+    """
+    settings = {"script": script.__name__, "argv": argv}
+    if stage_done(folder, settings):
+        logger.info(f"{name}: done before, reusing {folder}")
+        return
+    logger.info(f"{name}: python {script.__name__}.py {' '.join(argv)}")
+    start = time.time()
+    script.main(argv)
+    mark_stage_done(folder, settings, seconds=time.time() - start)
+
+
+def reference_encoder(checkpoints: dict) -> Optional[str]:
+    """The label encoder of the first init with a checkpoint; all must agree.
+
+    Arguments
+    ---------
+    checkpoints : dict
+        Init name -> checkpoint path (see ``adapt.py``), None if random.
+
+    Returns
+    -------
+    str or None
+        The ``label_encoder.txt`` that every adaptation uses (None if every
+        init is random).
+
+    Raises
+    ------
+    ValueError
+        If two initialisations have different character encoders.
+    """
+    files = {
+        name: os.path.join(find_init_checkpoint(path).save_folder, "label_encoder.txt")
+        for name, path in checkpoints.items()
+        if path is not None
+    }
+    if not files:
+        return None
+    mappings = {
+        name: sb.dataio.encoder.CTCTextEncoder.from_saved(path).lab2ind
+        for name, path in files.items()
+    }
+    first = next(iter(files))
+    for name, mapping in mappings.items():
+        if mapping != mappings[first]:
+            raise ValueError(
+                f"The initialisations '{first}' and '{name}' have different "
+                f"character encoders ({files[first]}, {files[name]}): train them "
+                "on the same source data so that their results are comparable."
+            )
+    return files[first]
+
+
+def main(argv: list) -> dict:
+    """Run the protocol of a YAML; return the paths of its outputs.
+
+    Arguments
+    ---------
+    argv : list of str
+        The protocol YAML, then SpeechBrain options (passed on to every
+        stage) and YAML overrides.
+
+    Returns
+    -------
+    dict
+        ``csv``, ``report`` and ``plots`` paths.
+    """
+    hparams, run_opts = train.load_experiment(argv)
+    out = hparams["output_folder"]
+    passed_on = run_option_args(run_opts)
+    if hparams.get("num_threads"):
+        torch.set_num_threads(hparams["num_threads"])
+
+    for prepare in hparams["data_preparation"]:
+        prepare()
+
+    checkpoints = {}
+    for init, source in hparams["inits"].items():
+        if source is None or not source.endswith(".yaml"):
+            checkpoints[init] = source
+            continue
+        folder = os.path.join(out, "train", init)
+        args = [source, "--output_folder", folder, *passed_on]
+        args += option_args(hparams["train_overrides"])
+        run_stage(f"Training {init}", folder, train, args)
+        checkpoints[init] = folder
+    encoder_file = reference_encoder(checkpoints)
+
+    rows = []
+    runs = [
+        (target, budget, init)
+        for target in hparams["targets"]
+        for budget in hparams["budgets"]
+        for init in hparams["inits"]
+    ]
+    for number, (target, budget, init) in enumerate(runs, start=1):
+        label = budget_label(budget, hparams["budget_unit"])
+        folder = os.path.join(out, "adapt", target, label, init)
+        options = {
+            "init_name": init,
+            "init_checkpoint": checkpoints[init],
+            "label_encoder_file": encoder_file,
+            "target_name": target,
+            "target": hparams["targets"][target]["task"],
+            "data_folder": hparams["targets"][target]["data_folder"],
+            "budget": budget,
+            "budget_unit": hparams["budget_unit"],
+            "curve_steps": hparams["curve_steps"],
+            "seed": hparams["seed"],
+            **hparams["adapt_overrides"],
+        }
+        args = [hparams["adapt_hparams"], "--output_folder", folder, *passed_on]
+        args += option_args(options)
+        name = f"Adaptation {number}/{len(runs)} ({init} -> {target}, {label})"
+        run_stage(name, folder, adapt, args)
+        rows += read_results(os.path.join(folder, "curve.csv"))
+
+    outputs = {
+        "csv": os.path.join(out, "adaptation.csv"),
+        "report": os.path.join(out, "report.md"),
+    }
+    write_results(rows, outputs["csv"])
+    report = report_markdown(rows, hparams["comparisons"], hparams["title"])
+    with open(outputs["report"], "w", encoding="utf-8") as stream:
+        stream.write(report)
+    outputs["plots"] = plot_curves(rows, out)
+    print(report)
+    print(f"Results: {outputs['csv']}")
+    print(f"Report:  {outputs['report']}")
+    print(f"Plots:   {', '.join(outputs['plots'])}")
+    return outputs
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
