@@ -1,0 +1,226 @@
+"""Low-resource adaptation: adapt.py, vocabulary extension, protocol outputs."""
+
+import os
+
+import matplotlib.image
+import pytest
+import speechbrain as sb
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.dataio.encoder import CTCTextEncoder
+
+import adapt
+import evaluate_adaptation
+from speechbrain_meta.adaptation import (
+    extend_vocabulary,
+    find_init_checkpoint,
+    select_budget,
+)
+from speechbrain_meta.protocol import RESULT_FIELDS, read_results
+from train import dataio_prepare
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ADAPT_YAML = os.path.join(REPO, "hparams", "adapt_ctc.yaml")
+TRAIN_YAML = os.path.join(REPO, "hparams", "maml_ctc.yaml")
+
+
+@pytest.fixture(scope="module")
+def init_run(tiny_corpus, tmp_path_factory):
+    """A train.py output folder: label encoder and two checkpoints (CER 90, 80).
+
+    The best checkpoint's CTC layer favours the blank, so that it differs
+    from the random initialisation of the adaptation YAML.
+    """
+    folder = str(tmp_path_factory.mktemp("init_run"))
+    with open(TRAIN_YAML, encoding="utf-8") as stream:
+        hparams = load_hyperpyyaml(
+            stream, {"data_folder": tiny_corpus["data_folder"], "output_folder": folder}
+        )
+    dataio_prepare(hparams)
+    hparams["checkpointer"].save_checkpoint(meta={"CER": 90.0})
+    with torch.no_grad():
+        hparams["ctc_lin"].w.bias[hparams["blank_index"]] += 5.0
+    hparams["checkpointer"].save_checkpoint(meta={"CER": 80.0})
+    return folder
+
+
+def run_adapt(tiny_corpus, folder, **options):
+    args = {
+        "data_folder": tiny_corpus["data_folder"],
+        "output_folder": str(folder),
+        "target": "cs",
+        "budget": 6,
+        "budget_unit": "utterances",
+        "curve_steps": "[0, 10]",
+        **options,
+    }
+    argv = [ADAPT_YAML, "--noprogressbar"]
+    for key, value in args.items():
+        argv += [f"--{key}", str(value)]
+    return adapt.main(argv)
+
+
+def test_adaptation_from_checkpoint_lowers_the_target_loss(
+    init_run, tiny_corpus, tmp_path
+):
+    curve = run_adapt(tiny_corpus, tmp_path / "maml", init_checkpoint=init_run)
+    assert [point["step"] for point in curve] == [0, 10]
+    assert curve[1]["test_loss"] < 0.9 * curve[0]["test_loss"]
+    assert curve[1]["train_loss"] > 0
+
+    # Step 0 is the best checkpoint (CER 80), not a random initialisation.
+    encoder_file = os.path.join(init_run, "save", "label_encoder.txt")
+    random = run_adapt(
+        tiny_corpus,
+        tmp_path / "random",
+        init_checkpoint="null",
+        label_encoder_file=encoder_file,
+        curve_steps="[0]",
+    )
+    assert abs(random[0]["test_loss"] - curve[0]["test_loss"]) > 0.1
+
+    out = tmp_path / "maml"
+    rows = read_results(out / "curve.csv")
+    assert [(r["init"], r["target"], r["budget"], r["step"]) for r in rows] == [
+        ("maml", "cs", "6utt", 0),
+        ("maml", "cs", "6utt", 10),
+    ]
+    assert rows[1]["cer"] == pytest.approx(curve[1]["cer"])
+    for name in ("wer.txt", "cer.txt"):
+        assert (out / name).read_text().startswith("%WER")
+
+    # Czech letters were added after the characters of the sources.
+    base = CTCTextEncoder.from_saved(encoder_file)
+    extended = CTCTextEncoder.from_saved(str(out / "save" / "label_encoder.txt"))
+    assert extended.lab2ind.items() >= base.lab2ind.items()
+    assert "ř" in extended.lab2ind and "ř" not in base.lab2ind
+
+
+@pytest.mark.parametrize("rows", [128, None])
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_vocabulary_extension_keeps_the_old_rows(rows, kind):
+    encoder = CTCTextEncoder()
+    encoder.update_from_iterable(["trava", "kos"], sequence_input=True)
+    encoder.handle_special_labels(
+        {"blank_label": 0, "bos_label": 1, "eos_label": 2, "unk_label": "<unk>"}
+    )
+    old = dict(encoder.lab2ind)
+    size = rows or len(old)
+    if kind == "linear":
+        module = sb.nnet.linear.Linear(input_size=6, n_neurons=size)
+        layer = module.w
+    else:
+        module = layer = torch.nn.Embedding(size, 6)
+    weight = layer.weight.detach().clone()
+    bias = layer.bias.detach().clone() if kind == "linear" else None
+
+    new = extend_vocabulary(encoder, ["tráva", "řeka", "kos ß"], [module])
+
+    assert new == {" ": "", "e": "", "ß": "", "á": "a", "ř": "r"}
+    assert {k: encoder.lab2ind[k] for k in old} == old
+    assert layer.weight.shape[0] == max(size, len(encoder))
+    kept = list(old.values())
+    assert torch.equal(layer.weight[kept], weight[kept])
+    index = encoder.lab2ind
+    assert torch.equal(layer.weight[index["ř"]], weight[index["r"]])
+    assert torch.equal(layer.weight[index["á"]], weight[index["a"]])
+    letters = [index[c] for c in "trvakos"]
+    assert torch.allclose(layer.weight[index["ß"]], weight[letters].mean(0))
+    if bias is not None:
+        assert torch.equal(layer.bias[kept], bias[kept])
+        assert layer.bias[index["ř"]] == bias[index["r"]]
+    output = module(torch.zeros(1, 6)) if kind == "linear" else None
+    assert output is None or output.shape[-1] == layer.weight.shape[0]
+
+
+def test_budget_in_minutes_is_a_deterministic_nested_prefix():
+    durations = {f"u{i}": 5.0 + i % 7 for i in range(60)}
+    two = select_budget(durations, 2, "minutes", seed=3)
+    five = select_budget(durations, 5, "minutes", seed=3)
+    assert five[: len(two)] == two
+    assert 110 < sum(durations[i] for i in two) <= 120
+    assert two == select_budget(durations, 2, "minutes", seed=3)
+    assert two != select_budget(durations, 2, "minutes", seed=4)
+    with pytest.raises(ValueError, match="more than the"):
+        select_budget(durations, 10, "minutes", seed=3)
+
+
+def test_best_checkpoint_is_chosen_by_validation_cer(init_run):
+    found = find_init_checkpoint(init_run)
+    state = torch.load(found.paramfile)
+    bias = [v for k, v in state.items() if k.endswith("w.bias")][0]
+    assert bias[0] > 4.0  # the CER 80 checkpoint (blank favoured)
+    assert found.save_folder == os.path.join(init_run, "save")
+
+
+def test_clear_errors(init_run, tiny_corpus, tmp_path):
+    with pytest.raises(FileNotFoundError, match="'no/such/run' does not exist"):
+        run_adapt(tiny_corpus, tmp_path / "a", init_checkpoint="no/such/run")
+    with pytest.raises(FileNotFoundError, match="No checkpoint of 'model'"):
+        run_adapt(tiny_corpus, tmp_path / "b", init_checkpoint=str(tmp_path))
+    with pytest.raises(ValueError, match="Target 'xx' has no utterances"):
+        run_adapt(tiny_corpus, tmp_path / "c", init_checkpoint=init_run, target="xx")
+    with pytest.raises(ValueError, match="does not fit the model"):
+        run_adapt(tiny_corpus, tmp_path / "d", init_checkpoint=init_run, rnn_size=32)
+    with pytest.raises(ValueError, match="budget of 50 utterances is more"):
+        run_adapt(tiny_corpus, tmp_path / "e", init_checkpoint=init_run, budget=50)
+
+
+PROTOCOL = """
+seed: 1234
+title: Test protocol
+output_folder: {out}
+data_preparation: []
+inits:
+    trained: {init}
+    random: null
+train_overrides: {{}}
+targets:
+    cs:
+        data_folder: {data}
+        task: cs
+budgets: [3, 6]
+budget_unit: utterances
+curve_steps: [0, 2]
+adapt_hparams: {adapt}
+adapt_overrides:
+    batch_size: 3
+comparisons:
+    - [trained, random]
+"""
+
+
+def test_protocol_writes_csv_report_and_plots(init_run, tiny_corpus, tmp_path):
+    protocol = tmp_path / "protocol.yaml"
+    out = tmp_path / "out"
+    protocol.write_text(
+        PROTOCOL.format(
+            out=out, init=init_run, data=tiny_corpus["data_folder"], adapt=ADAPT_YAML
+        )
+    )
+    outputs = evaluate_adaptation.main([str(protocol), "--noprogressbar"])
+
+    rows = read_results(outputs["csv"])
+    assert len(rows) == 2 * 2 * 2
+    assert {(r["init"], r["budget"]) for r in rows} == {
+        (init, budget) for init in ("trained", "random") for budget in ("3utt", "6utt")
+    }
+    assert all(0 <= r["cer"] and 0 <= r["wer"] for r in rows)
+    with open(outputs["csv"], encoding="utf-8") as stream:
+        assert stream.readline().strip() == ",".join(RESULT_FIELDS)
+
+    report = open(outputs["report"], encoding="utf-8").read()
+    assert report.startswith("# Test protocol")
+    assert "| cs | 3utt | trained |" in report
+    assert "| trained < random |" in report
+
+    assert outputs["plots"] == [str(out / "cer_cs.png")]
+    image = matplotlib.image.imread(outputs["plots"][0])
+    assert image.shape[0] > 100 and image.shape[1] > 300 and image.std() > 0
+
+    # A rerun reuses every finished adaptation.
+    csv_file = out / "adapt" / "cs" / "3utt" / "random" / "curve.csv"
+    stamp = os.path.getmtime(csv_file)
+    evaluate_adaptation.main([str(protocol), "--noprogressbar"])
+    assert os.path.getmtime(csv_file) == stamp
+    assert read_results(outputs["csv"]) == rows
