@@ -22,8 +22,12 @@ test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
+# The whole story on a 2-core CPU (docs/adaptation.md): embedded corpus, MAML and
+# multitask training, adaptation of MAML, multitask and random initialisations
+# to the held-out languages, then $(RESULTS)/demo/{adaptation.csv,report.md,*.png}.
+# A rerun reuses the finished stages.
 demo: setup
-	$(PY) -m recipes.embedded_corpus.prepare --size demo --data_folder $(DATA)/embedded --download_folder $(DATA)/downloads
+	$(PY) evaluate_adaptation.py hparams/protocol_demo.yaml --data_folder $(DATA)/embedded --download_folder $(DATA)/downloads --output_folder $(RESULTS)/demo
 
 lint: setup
 	$(PY) -m ruff check .
