@@ -23,16 +23,20 @@ The twice-differentiable CTC loss is timed against the native one on each
 model's CTC log-probabilities for the episode's batches
 (``benchmarks/bench_ctc.py`` does the same on synthetic sizes).
 
-All runs are timed round-robin, ``--repeats`` rounds after ``--warmup`` calls
-of each, and the median is reported, so that a slow spell of a shared machine
-hits every run alike. Peak memory is measured afterwards, one call per run:
-the peak of tensor memory allocated during the call and not yet freed, above
-what exists before it (parameters, optimizer state, batch). On CUDA that is
+All meta-steps, then all CTC losses, are timed round-robin: ``--repeats``
+(``--ctc_repeats``) rounds after ``--warmup`` calls of each, the median
+reported, so that a slow spell of a shared machine hits every run alike.
+Peak memory is measured afterwards, one call per run: the peak of tensor
+memory allocated during the call and not yet freed, above what exists before
+it (parameters, optimizer state, batch). On CUDA that is
 ``torch.cuda.max_memory_allocated`` minus the memory allocated at the start;
 on CPU it is summed from the allocation and free events of PyTorch's CPU
 allocator that ``torch.profiler`` records (``profile_memory=True``).
 
     python benchmarks/bench_meta_step.py --threads 1 --out bench.md
+    python benchmarks/bench_meta_step.py --threads 1 --hparams \
+        hparams/maml_ctc.yaml hparams/fomaml_ctc.yaml \
+        hparams/maml_attention.yaml hparams/maml_attention.yaml:decoder_type=rnn
 """
 
 import argparse
@@ -42,7 +46,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Hashable, List, NamedTuple, Optional, Tuple
 
 import speechbrain as sb
 import torch
@@ -164,6 +168,11 @@ def first_episode(brain, hparams: dict, dataset, device: str):
     return next(iter(loader)).to(device)
 
 
+def utterances(episode) -> List[List[str]]:
+    """The IDs of each task's support and query utterances."""
+    return [task.support.id + task.query.id for task in episode.tasks]
+
+
 def passes_per_task(brain_class: type, task, steps: int) -> List:
     """The batches an algorithm passes forward and backward for one task."""
     if issubclass(brain_class, MAML):
@@ -248,9 +257,7 @@ def model_runs(model: str, loaded: List[Tuple[str, dict]], args, folder: str):
             plain_brain, _ = build_brain(plain_hparams, sb.Brain, args.device)
         elif repr(brain.modules) != repr(first[0].modules):
             raise ValueError(f"{spec} has another {model} model than {loaded[0][0]}.")
-        if [t.support.id + t.query.id for t in episode.tasks] != [
-            t.support.id + t.query.id for t in first[1].tasks
-        ]:
+        if utterances(episode) != utterances(first[1]):
             raise ValueError(f"{spec} draws another episode than {loaded[0][0]}.")
         algorithm = brain_class.__name__
         if issubclass(brain_class, MAML):
@@ -467,7 +474,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--ctc_repeats", type=int, default=10)
+    parser.add_argument("--ctc_repeats", type=int, default=30)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
         "--threads",
@@ -484,7 +491,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def milliseconds(runs: Dict[str, Callable[[], None]], repeats: int, args) -> Dict:
+def milliseconds(runs: Dict[Hashable, Callable[[], None]], repeats: int, args) -> Dict:
     """Median milliseconds of each run, timed round-robin."""
     seconds = median_times(runs, repeats, args.warmup, args.device)
     return {name: 1e3 * value for name, value in seconds.items()}
@@ -523,6 +530,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     runs: Dict[str, Run] = {}
     ctc: Dict[str, Dict[str, Callable]] = {}
     brains = {}
+    episode = None
     with tempfile.TemporaryDirectory() as folder:
         models: Dict[str, List[Tuple[str, dict]]] = {}
         for index, spec in enumerate(args.hparams):
@@ -530,17 +538,26 @@ def main(argv: Optional[List[str]] = None) -> None:
             models.setdefault(model_name(spec, hparams), []).append((spec, hparams))
         for index, (model, loaded) in enumerate(models.items()):
             plain_folder = os.path.join(folder, f"plain{index}")
-            group, brains[model], episode = model_runs(
-                model, loaded, args, plain_folder
-            )
+            group, brains[model], drawn = model_runs(model, loaded, args, plain_folder)
+            if episode is not None and utterances(drawn) != utterances(episode):
+                raise ValueError(
+                    f"{model} draws another episode than {args.hparams[0]}."
+                )
+            episode = drawn
             runs.update(group)
             ctc[model] = ctc_runs(brains[model], episode)
         ms = milliseconds(
             {name: run.step for name, run in runs.items()}, args.repeats, args
         )
         mib = {name: peak_memory(r.step, args.device) / MIB for name, r in runs.items()}
+        # Every model's CTC runs in one round-robin, as the meta-steps.
+        flat = milliseconds(
+            {(model, kind): run for model, r in ctc.items() for kind, run in r.items()},
+            args.ctc_repeats,
+            args,
+        )
         ctc_ms = {
-            model: milliseconds(r, args.ctc_repeats, args) for model, r in ctc.items()
+            model: {kind: flat[model, kind] for kind in r} for model, r in ctc.items()
         }
 
     report = "\n".join(
