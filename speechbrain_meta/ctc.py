@@ -191,9 +191,13 @@ def _layout(values: torch.Tensor, plan: _Plan, fill: float) -> torch.Tensor:
 
     Padding entries and reversed entries outside the sequences hold ``fill``.
     """
-    reversed_values = values.take(plan.flip_index).masked_fill_(plan.outside, fill)
-    both = torch.cat([values, reversed_values], dim=1)
-    return F.pad(both, (2, 0), value=fill).flatten(1)
+    flat = values.new_empty(values.shape[0], plan.rows, plan.width)
+    flat[:, :, :2] = fill
+    flat[:, : plan.batch, 2:] = values
+    reversed_values = flat[:, plan.batch :, 2:]
+    torch.take(values, plan.flip_index, out=reversed_values)
+    reversed_values.masked_fill_(plan.outside, fill)
+    return flat.flatten(1)
 
 
 def _recursion(flat_emissions: torch.Tensor, plan: _Plan) -> torch.Tensor:
