@@ -49,8 +49,9 @@ class ASR:
         """
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
-        if stage == sb.Stage.TRAIN and hasattr(self.hparams, "speed_perturb"):
-            wavs = self.hparams.speed_perturb(wavs)
+        augment = getattr(self.hparams, "speed_perturb", None)
+        if stage == sb.Stage.TRAIN and augment is not None:
+            wavs = augment(wavs)
         feats = self.hparams.compute_features(wavs)
         feats = self.hparams.normalize(feats, wav_lens)
         decoder_type = getattr(self.hparams, "decoder_type", None)
