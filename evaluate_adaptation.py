@@ -15,9 +15,10 @@ and runs its stages in order, each in its own folder under ``output_folder``:
 4. ``adaptation.csv`` (``init, target, budget, step, cer, wer``), ``report.md``
    and ``cer_<target>.png`` in ``output_folder``.
 
-A stage whose folder records that it finished with the same command line is
-skipped, so a rerun reuses the finished stages (an interrupted training
-resumes from its checkpoint); change an option and that stage runs again.
+A stage whose folder records that it finished with the same command line and
+YAML file content is skipped, so a rerun reuses the finished stages (an
+interrupted training resumes from its checkpoint); change an option or the
+YAML and that stage runs again.
 
 Example
 -------
@@ -29,6 +30,7 @@ Authors
 speechbrain-meta developers
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -86,6 +88,9 @@ def run_option_args(run_opts) -> list:
 def run_stage(name: str, folder: str, script, argv: list) -> None:
     """Run ``script.main(argv)`` unless ``folder`` records it as done.
 
+    Done means: finished before with the same command line and the same
+    content of its YAML file (``argv[0]``).
+
     Arguments
     ---------
     name : str
@@ -97,7 +102,9 @@ def run_stage(name: str, folder: str, script, argv: list) -> None:
     argv : list of str
         Its command line.
     """
-    settings = {"script": script.__name__, "argv": argv}
+    with open(argv[0], "rb") as stream:
+        digest = hashlib.sha256(stream.read()).hexdigest()
+    settings = {"script": script.__name__, "argv": argv, "yaml_sha256": digest}
     if stage_done(folder, settings):
         logger.info(f"{name}: done before, reusing {folder}")
         return
