@@ -187,16 +187,18 @@ def base_label(label: str) -> str:
 
 
 def _row_holder(module: torch.nn.Module) -> torch.nn.Module:
-    """The torch Linear or Embedding whose rows are indexed by the labels."""
-    if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-        return module
-    for child in module.children():  # speechbrain's Linear and Embedding wrappers
-        if isinstance(child, (torch.nn.Linear, torch.nn.Embedding)):
-            return child
-    raise TypeError(
-        f"{type(module).__name__} holds no torch.nn.Linear or torch.nn.Embedding "
-        "whose rows could be extended."
-    )
+    """The one torch Linear or Embedding in ``module`` (wrappers included)."""
+    found = [
+        m
+        for m in module.modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))
+    ]
+    if len(found) != 1:
+        raise TypeError(
+            f"{type(module).__name__} holds {len(found)} torch.nn.Linear or "
+            "torch.nn.Embedding layers; give the one whose rows are the labels."
+        )
+    return found[0]
 
 
 def _resize_rows(layer: torch.nn.Module, rows: int) -> None:
@@ -239,9 +241,10 @@ def extend_vocabulary(
     texts : sequence of str
         The target's transcripts (every character is a label).
     layers : sequence of torch.nn.Module
-        Layers whose rows are indexed by the labels: output layers
-        (``torch.nn.Linear`` or ``speechbrain.nnet.linear.Linear``) and
-        embeddings; extended in place.
+        Layers whose rows are indexed by the labels: output layers and
+        embeddings, each a ``torch.nn.Linear`` or ``torch.nn.Embedding`` or a
+        module holding exactly one of them (SpeechBrain's ``Linear``,
+        ``Embedding``, a Transformer's target embedding); extended in place.
 
     Returns
     -------

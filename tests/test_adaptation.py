@@ -110,7 +110,8 @@ def test_vocabulary_extension_keeps_the_old_rows(rows, kind):
         module = sb.nnet.linear.Linear(input_size=6, n_neurons=size)
         layer = module.w
     else:
-        module = layer = torch.nn.Embedding(size, 6)
+        module = sb.nnet.embedding.Embedding(num_embeddings=size, embedding_dim=6)
+        layer = module.Embedding
     weight = layer.weight.detach().clone()
     bias = layer.bias.detach().clone() if kind == "linear" else None
 
@@ -129,8 +130,11 @@ def test_vocabulary_extension_keeps_the_old_rows(rows, kind):
     if bias is not None:
         assert torch.equal(layer.bias[kept], bias[kept])
         assert layer.bias[index["ř"]] == bias[index["r"]]
-    output = module(torch.zeros(1, 6)) if kind == "linear" else None
-    assert output is None or output.shape[-1] == layer.weight.shape[0]
+        output = module(torch.zeros(1, 6))
+        assert output.shape[-1] == layer.weight.shape[0]
+    else:
+        embedded = module(torch.tensor([[index["ř"], index["r"]]]))
+        assert torch.equal(embedded[0, 0], embedded[0, 1])
 
 
 def test_budget_in_minutes_is_a_deterministic_nested_prefix():
