@@ -228,3 +228,30 @@ def test_gradient_accumulation_is_refused():
             {"net": torch.nn.Linear(1, 1)},
             run_opts={"grad_accumulation_factor": 2},
         )
+
+
+@pytest.mark.parametrize("algorithm", [MAML, FOMAML, Reptile])
+def test_bf16_meta_step_runs_under_autocast(algorithm):
+    brain_class = type("Brain", (Regression, algorithm), {})
+    torch.manual_seed(0)
+    brain = brain_class(
+        {"net": torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))},
+        opt_class=lambda params: torch.optim.SGD(params, lr=0.1),
+        hparams={"inner_lr": INNER_LR},
+        run_opts={"precision": "bf16"},
+    )
+    brain.init_optimizers()
+    seen = []
+    brain.modules.net[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    before = [p.detach().clone() for p in brain.modules.parameters()]
+    reference = regression_task(10)
+    task = Task(
+        "t",
+        *(tuple(t.float() for t in b) for b in (reference.support, reference.query)),
+    )
+    loss = brain.fit_batch(MetaBatch([task]))
+    assert torch.isfinite(loss)
+    assert torch.bfloat16 in seen  # the recipe ran under bf16 autocast
+    after = list(brain.modules.parameters())
+    assert all(p.dtype == torch.float32 for p in after)  # fp32 master weights
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
