@@ -6,8 +6,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One CPU thread, in the tests and in the train.py they start.
+
+    The test models are too small to gain from a second thread, and on a busy
+    2-core machine two spinning OpenMP threads cost many times the CPU time of
+    one (a debug run took 10 s on one thread, 70-200 s on two).
+    """
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # --- Data: Debian package cache, embedded corpus, Czech recordings -------------

@@ -44,21 +44,6 @@ TINY_MODEL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """One CPU thread, here and in train.py subprocesses.
-
-    These models are too small to gain from a second thread, and on a shared
-    machine two spinning OpenMP threads cost many times the CPU time of one
-    (docs/attention.md, "Measured").
-    """
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def yaml_path(algorithm: str) -> Path:
     return REPO / "hparams" / f"{algorithm}_attention.yaml"
 
