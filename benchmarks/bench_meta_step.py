@@ -24,8 +24,10 @@ model's CTC log-probabilities for the episode's batches
 (``benchmarks/bench_ctc.py`` does the same on synthetic sizes).
 
 All meta-steps, then all CTC losses, are timed round-robin: ``--repeats``
-(``--ctc_repeats``) rounds after ``--warmup`` calls of each, the median
-reported, so that a slow spell of a shared machine hits every run alike.
+(``--ctc_repeats``) rounds after ``--warmup`` calls of each. Times are the
+medians over the rounds; a ratio is the median over the rounds of the ratio of
+the two runs' times in that round, and runs that are compared follow each
+other in a round, so that a slow spell of a shared machine hits both alike.
 Peak memory is measured afterwards, one call per run: the peak of tensor
 memory allocated during the call and not yet freed, above what exists before
 it (parameters, optimizer state, batch). On CUDA that is
@@ -289,7 +291,46 @@ def model_runs(model: str, loaded: List[Tuple[str, dict]], args, folder: str):
                 plain,
                 f"{model} FOMAML {steps}" if algorithm == "MAML" else None,
             )
-    return runs, *first
+    # Each plain run just before the meta-steps compared with it (MAML next to
+    # FOMAML), so that every ratio compares runs timed seconds apart.
+    ordered: Dict[str, Run] = {}
+    for name, run in runs.items():
+        if run.algorithm == "plain":
+            ordered[name] = run
+            ordered.update((n, r) for n, r in runs.items() if r.plain == name)
+    return ordered, *first
+
+
+class Timings:
+    """Round-robin timings: ``repeats`` rounds, each run once per round.
+
+    Arguments
+    ---------
+    runs : dict
+        The callables to time, by name, in the order they run in a round.
+    repeats : int
+        Number of rounds.
+    warmup : int
+        Untimed calls of each run before the first round.
+    device : str
+        Its queued work is waited for around every call.
+    """
+
+    def __init__(self, runs: Dict[Hashable, Callable], repeats, warmup, device):
+        self.rounds = [
+            median_times(runs, 1, warmup if index == 0 else 0, device)
+            for index in range(repeats)
+        ]
+
+    def ms(self, name: Hashable) -> float:
+        """Median milliseconds of a run."""
+        return 1e3 * statistics.median(times[name] for times in self.rounds)
+
+    def ratio(self, name: Hashable, reference: Hashable) -> float:
+        """Median over the rounds of the run's time over the reference's."""
+        return statistics.median(
+            times[name] / times[reference] for times in self.rounds
+        )
 
 
 def peak_memory(step: Callable[[], None], device: str) -> int:
@@ -354,38 +395,52 @@ def ctc_runs(brain, episode) -> Dict[str, Callable[[], None]]:
     }
 
 
-def meta_step_table(runs: Dict[str, Run], ms: Dict, mib: Dict) -> List[str]:
+def meta_step_table(runs: Dict[str, Run], timings: Timings, mib: Dict) -> List[str]:
     """Markdown rows of the meta-step table."""
     lines = [
         "| model | algorithm | k | fwd/bwd per task | ms / step | peak MiB "
         "| plain ms | plain peak MiB | x plain | x FOMAML |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, run in runs.items():
-        if run.algorithm == "plain":
-            continue
-        versus = f"{ms[name] / ms[run.reference]:.2f}" if run.reference in ms else ""
+    models = list(dict.fromkeys(run.model for run in runs.values()))
+    order = ("MAML", "FOMAML", "Reptile", "MultiTask")
+    shown = sorted(
+        (name for name, run in runs.items() if run.algorithm != "plain"),
+        key=lambda name: (
+            models.index(runs[name].model),
+            order.index(runs[name].algorithm),
+            runs[name].steps or 0,
+        ),
+    )
+    for name in shown:
+        run = runs[name]
+        versus = ""
+        if run.reference in runs:
+            versus = f"{timings.ratio(name, run.reference):.2f}"
         lines.append(
             f"| {run.model} | {run.algorithm} | {run.steps or '-'} | {run.passes} "
-            f"| {ms[name]:.0f} | {mib[name]:.1f} | {ms[run.plain]:.0f} "
-            f"| {mib[run.plain]:.1f} | {ms[name] / ms[run.plain]:.2f} | {versus} |"
+            f"| {timings.ms(name):.0f} | {mib[name]:.1f} | {timings.ms(run.plain):.0f} "
+            f"| {mib[run.plain]:.1f} | {timings.ratio(name, run.plain):.2f} "
+            f"| {versus} |"
         )
     return lines
 
 
-def ctc_table(ctc_ms: Dict[str, Dict[str, float]]) -> List[str]:
+def ctc_table(models: List[str], timings: Timings) -> List[str]:
     """Markdown rows of the CTC table, one per model."""
     lines = [
         "| model | native fwd+bwd ms | differentiable fwd+bwd ms | ratio "
         "| second order ms | ratio |",
         "|---|---|---|---|---|---|",
     ]
-    for model, ms in ctc_ms.items():
-        native = ms["native"]
+    for model in models:
+        native, differentiable, second = (
+            (model, kind) for kind in ("native", "differentiable", "second order")
+        )
         lines.append(
-            f"| {model} | {native:.1f} | {ms['differentiable']:.1f} "
-            f"| {ms['differentiable'] / native:.2f} | {ms['second order']:.1f} "
-            f"| {ms['second order'] / native:.2f} |"
+            f"| {model} | {timings.ms(native):.1f} | {timings.ms(differentiable):.1f} "
+            f"| {timings.ratio(differentiable, native):.2f} "
+            f"| {timings.ms(second):.1f} | {timings.ratio(second, native):.2f} |"
         )
     return lines
 
@@ -408,7 +463,7 @@ def maml_slope(points: List[Tuple[int, float]]) -> Tuple[float, float, float]:
     return intercept, slope, worst
 
 
-def verdicts(runs: Dict[str, Run], ms: Dict, ctc_ms: Dict) -> List[str]:
+def verdicts(runs: Dict[str, Run], timings: Timings, ctc: Timings) -> List[str]:
     """The targets of the issue, met or missed, with the figures."""
 
     def verdict(ok: bool) -> str:
@@ -417,33 +472,34 @@ def verdicts(runs: Dict[str, Run], ms: Dict, ctc_ms: Dict) -> List[str]:
     lines = []
     first = [n for n, r in runs.items() if r.algorithm in ("FOMAML", "Reptile")]
     if first:
-        worst = max(first, key=lambda n: ms[n] / ms[runs[n].plain])
-        ratio = ms[worst] / ms[runs[worst].plain]
+        ratios = {name: timings.ratio(name, runs[name].plain) for name in first}
+        worst = max(ratios, key=ratios.get)
         lines.append(
             f"- FOMAML and Reptile within {FIRST_ORDER_TARGET}x of plain training "
-            f"of equal work: {verdict(ratio <= FIRST_ORDER_TARGET)} (largest: "
-            f"{ratio:.2f}x, {worst})."
+            f"of equal work: {verdict(ratios[worst] <= FIRST_ORDER_TARGET)} "
+            f"(largest: {ratios[worst]:.2f}x, {worst})."
         )
-    for model in dict.fromkeys(r.model for r in runs.values()):
+    models = list(dict.fromkeys(r.model for r in runs.values()))
+    for model in models:
         maml = {
             r.steps: n
             for n, r in runs.items()
             if r.model == model and r.algorithm == "MAML"
         }
-        if 1 in maml and runs[maml[1]].reference in ms:
-            ratio = ms[maml[1]] / ms[runs[maml[1]].reference]
+        if 1 in maml and runs[maml[1]].reference in runs:
+            ratio = timings.ratio(maml[1], runs[maml[1]].reference)
             lines.append(
                 f"- MAML within {MAML_TARGET}x of FOMAML at k = 1 ({model}): "
                 f"{verdict(ratio <= MAML_TARGET)} ({ratio:.2f}x)."
             )
         if len(maml) > 2:
-            a, b, worst = maml_slope([(k, ms[n]) for k, n in maml.items()])
+            a, b, worst = maml_slope([(k, timings.ms(n)) for k, n in maml.items()])
             lines.append(
                 f"- MAML linear in k ({model}): {a:.0f} ms + {b:.0f} ms x k, "
                 f"largest deviation from that line {100 * worst:.0f}% of the time."
             )
-    for model, times in ctc_ms.items():
-        ratio = times["differentiable"] / times["native"]
+    for model in models:
+        ratio = ctc.ratio((model, "differentiable"), (model, "native"))
         lines.append(
             f"- Differentiable CTC within {CTC_TARGET}x of native ({model}): "
             f"{verdict(ratio <= CTC_TARGET)} ({ratio:.2f}x)."
@@ -491,12 +547,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def milliseconds(runs: Dict[Hashable, Callable[[], None]], repeats: int, args) -> Dict:
-    """Median milliseconds of each run, timed round-robin."""
-    seconds = median_times(runs, repeats, args.warmup, args.device)
-    return {name: 1e3 * value for name, value in seconds.items()}
-
-
 def header(args, models: Dict[str, object], episode) -> str:
     """The machine, the models' sizes and the episode."""
     sizes = ", ".join(
@@ -514,8 +564,9 @@ def header(args, models: Dict[str, object], episode) -> str:
         f"{torch.get_num_threads()} threads). Parameters: {sizes}. Episode: "
         f"{len(episode.tasks)} tasks ({', '.join(t.name for t in episode.tasks)}), "
         f"{args.support} support and {args.query} query utterances each "
-        f"({seconds[0]:.1f} s and {seconds[1]:.1f} s of audio). Median of "
-        f"{args.repeats} round-robin repeats after {args.warmup} warm-up."
+        f"({seconds[0]:.1f} s and {seconds[1]:.1f} s of audio). Medians of "
+        f"{args.repeats} round-robin rounds after {args.warmup} warm-up; ratios: "
+        "medians of the rounds' ratios."
     )
 
 
@@ -546,34 +597,35 @@ def main(argv: Optional[List[str]] = None) -> None:
             episode = drawn
             runs.update(group)
             ctc[model] = ctc_runs(brains[model], episode)
-        ms = milliseconds(
-            {name: run.step for name, run in runs.items()}, args.repeats, args
+        timings = Timings(
+            {name: run.step for name, run in runs.items()},
+            args.repeats,
+            args.warmup,
+            args.device,
         )
         mib = {name: peak_memory(r.step, args.device) / MIB for name, r in runs.items()}
         # Every model's CTC runs in one round-robin, as the meta-steps.
-        flat = milliseconds(
+        ctc_timings = Timings(
             {(model, kind): run for model, r in ctc.items() for kind, run in r.items()},
             args.ctc_repeats,
-            args,
+            args.warmup,
+            args.device,
         )
-        ctc_ms = {
-            model: {kind: flat[model, kind] for kind in r} for model, r in ctc.items()
-        }
 
     report = "\n".join(
         [
             header(args, brains, episode),
             "",
-            *meta_step_table(runs, ms, mib),
+            *meta_step_table(runs, timings, mib),
             "",
             "CTC loss on each model's log-probabilities for all the episode's "
             f"batches (median of {args.ctc_repeats}):",
             "",
-            *ctc_table(ctc_ms),
+            *ctc_table(list(ctc), ctc_timings),
             "",
             "Targets:",
             "",
-            *verdicts(runs, ms, ctc_ms),
+            *verdicts(runs, timings, ctc_timings),
         ]
     )
     print(report)

@@ -1,6 +1,7 @@
 """Smoke test of the meta-step benchmark: smallest settings, real models."""
 
 import importlib.util
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,17 @@ def test_benchmark_reports_every_algorithm(bench, tiny_corpus, tmp_path):
     (ctc,) = table_rows(report, "| model | native")
     assert float(ctc["native fwd+bwd ms"]) > 0
     assert "- MAML within 2.5x of FOMAML at k = 1 (ctc):" in report
+
+
+def test_timings_pair_runs_of_each_round(bench):
+    calls = []
+    runs = {
+        name: (
+            lambda name=name, seconds=seconds: calls.append(name) or time.sleep(seconds)
+        )
+        for name, seconds in (("short", 0.01), ("long", 0.03))
+    }
+    timings = bench.Timings(runs, repeats=3, warmup=1, device="cpu")
+    assert calls == ["short", "long"] * 4
+    assert timings.ms("long") >= 30
+    assert 2 < timings.ratio("long", "short") < 4
