@@ -7,7 +7,7 @@ audio or utterances) with the ``ASR`` recipe of ``train.py`` in a plain
 ``speechbrain.Brain``, and scores the target's test set with SpeechBrain's
 ``ErrorRateStats`` after each point of an adaptation curve. Characters of the
 target that the initialisation never saw are added to its character encoder
-and output layer (see ``docs/adaptation.md``).
+and output layer (see README.md, "Low-resource adaptation").
 
 Outputs in ``output_folder``: ``curve.csv`` (``init, target, budget, step,
 cer, wer``), ``wer.txt`` / ``cer.txt`` of the last curve point,
