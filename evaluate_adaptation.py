@@ -6,7 +6,8 @@ and runs its stages in order, each in its own folder under ``output_folder``:
 
 1. data preparation (the YAML's ``data_preparation`` functions);
 2. every initialisation given by a training YAML: ``train.py`` into
-   ``<output_folder>/train/<init>`` (an init may also be an existing
+   ``<output_folder>/train/<init>`` with the YAML's ``train_overrides`` and
+   that init's ``init_overrides`` (an init may also be an existing
    checkpoint, see ``adapt.py``, or null: random);
 3. every (target, budget, init): ``adapt.py`` into
    ``<output_folder>/adapt/<target>/<budget>/<init>``, with the same
@@ -185,7 +186,8 @@ def main(argv: list) -> dict:
             continue
         folder = os.path.join(out, "train", init)
         args = [source, "--output_folder", folder, *passed_on]
-        args += option_args(hparams["train_overrides"])
+        own = hparams.get("init_overrides", {}).get(init, {})
+        args += option_args({**hparams["train_overrides"], **own})
         run_stage(f"Training {init}", folder, train, args)
         checkpoints[init] = folder
     encoder_file = reference_encoder(checkpoints)
