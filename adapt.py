@@ -30,13 +30,12 @@ import os
 import sys
 
 import speechbrain as sb
-from speechbrain.utils.checkpoints import torch_recovery
 
 from speechbrain_meta.adaptation import (
     adaptation_curve,
     budget_subset,
     extend_vocabulary,
-    find_init_checkpoint,
+    load_init_parameters,
 )
 from speechbrain_meta.protocol import budget_label, write_results
 from train import ASR, add_pipelines, load_experiment, read_manifests, special_labels
@@ -63,14 +62,7 @@ def load_initialisation(hparams: dict):
     encoder_file = hparams["label_encoder_file"]
     path = hparams["init_checkpoint"]
     if path is not None:
-        init = find_init_checkpoint(path, min_key=hparams["init_min_key"])
-        try:
-            torch_recovery(hparams["model"], init.paramfile, end_of_epoch=True)
-        except RuntimeError as error:
-            raise ValueError(
-                f"The checkpoint '{init.paramfile}' does not fit the model of the "
-                f"adaptation YAML (same architecture and output_neurons?): {error}"
-            ) from error
+        init = load_init_parameters(hparams["model"], path, hparams["init_min_key"])
         logger.info(f"Initialisation: {init.paramfile}")
         encoder_file = encoder_file or os.path.join(
             init.save_folder, "label_encoder.txt"

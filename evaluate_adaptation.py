@@ -5,21 +5,23 @@ Reads a protocol YAML (``hparams/protocol_demo.yaml``, ``protocol_full.yaml``)
 and runs its stages in order, each in its own folder under ``output_folder``:
 
 1. data preparation (the YAML's ``data_preparation`` functions);
-2. every initialisation given by a training YAML: ``train.py`` into
-   ``<output_folder>/train/<init>`` with the YAML's ``train_overrides`` and
-   that init's ``init_overrides`` (an init may also be an existing
-   checkpoint, see ``adapt.py``, or null: random);
-3. every (target, budget, init): ``adapt.py`` into
-   ``<output_folder>/adapt/<target>/<budget>/<init>``, with the same
-   adaptation YAML and options for every init and the character encoder of
-   the first trained init for all of them;
+2. every initialisation given by a training YAML, in order: ``train.py``
+   into ``<output_folder>/train/<init>`` with the YAML's ``train_overrides``
+   and that init's ``init_overrides`` (e.g. ``init_from`` an init trained
+   before it); an init may also be an existing checkpoint (see ``adapt.py``)
+   or null: random;
+3. every (target, budget, init of ``adapted_inits``, default all):
+   ``adapt.py`` into ``<output_folder>/adapt/<target>/<budget>/<init>``, with
+   the same adaptation YAML and options for every init and the character
+   encoder of the first trained init for all of them;
 4. ``adaptation.csv`` (``init, target, budget, step, cer, wer``), ``report.md``
    and ``cer_<target>.png`` in ``output_folder``.
 
-A stage whose folder records that it finished with the same command line and
-YAML file content is skipped, so a rerun reuses the finished stages (an
-interrupted training resumes from its checkpoint); change an option or the
-YAML and that stage runs again.
+A stage whose folder records that it finished with the same command line,
+YAML file content and input checkpoints is skipped, so a rerun reuses the
+finished stages (an interrupted training resumes from its checkpoint); change
+an option, the YAML or a checkpoint it starts from and that stage runs again
+from scratch.
 
 Example
 -------
@@ -35,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from typing import Optional
@@ -46,6 +49,7 @@ import adapt
 import train
 from speechbrain_meta.adaptation import find_init_checkpoint
 from speechbrain_meta.protocol import (
+    STAGE_RECORD,
     budget_label,
     mark_stage_done,
     plot_curves,
@@ -86,11 +90,19 @@ def run_option_args(run_opts) -> list:
     return args
 
 
-def run_stage(name: str, folder: str, script, argv: list) -> None:
+def file_digest(path: str) -> str:
+    """The SHA-256 of a file's content."""
+    with open(path, "rb") as stream:
+        return hashlib.sha256(stream.read()).hexdigest()
+
+
+def run_stage(name: str, folder: str, script, argv: list, inputs=()) -> None:
     """Run ``script.main(argv)`` unless ``folder`` records it as done.
 
-    Done means: finished before with the same command line and the same
-    content of its YAML file (``argv[0]``).
+    Done means: finished before with the same command line, the same content
+    of its YAML file (``argv[0]``) and of its input files. A stage that
+    finished with other settings is stale: its folder is removed and it runs
+    afresh; one that did not finish resumes from its checkpoints.
 
     Arguments
     ---------
@@ -102,17 +114,30 @@ def run_stage(name: str, folder: str, script, argv: list) -> None:
         ``train`` or ``adapt``.
     argv : list of str
         Its command line.
+    inputs : sequence of str
+        Files the stage reads besides its YAML (checkpoints, encoders).
     """
-    with open(argv[0], "rb") as stream:
-        digest = hashlib.sha256(stream.read()).hexdigest()
-    settings = {"script": script.__name__, "argv": argv, "yaml_sha256": digest}
+    settings = {
+        "script": script.__name__,
+        "argv": argv,
+        "yaml_sha256": file_digest(argv[0]),
+        "inputs_sha256": {path: file_digest(path) for path in inputs if path},
+    }
     if stage_done(folder, settings):
         logger.info(f"{name}: done before, reusing {folder}")
         return
+    if os.path.isfile(os.path.join(folder, STAGE_RECORD)):
+        logger.info(f"{name}: its settings or inputs changed, starting afresh")
+        shutil.rmtree(folder)
     logger.info(f"{name}: python {script.__name__}.py {' '.join(argv)}")
     start = time.time()
     script.main(argv)
     mark_stage_done(folder, settings, seconds=time.time() - start)
+
+
+def init_parameters(path: Optional[str]) -> Optional[str]:
+    """The parameter file an initialisation path resolves to (None: none)."""
+    return None if path is None else find_init_checkpoint(path).paramfile
 
 
 def reference_encoder(checkpoints: dict) -> Optional[str]:
@@ -186,10 +211,19 @@ def main(argv: list) -> dict:
             continue
         folder = os.path.join(out, "train", init)
         args = [source, "--output_folder", folder, *passed_on]
-        own = hparams.get("init_overrides", {}).get(init, {})
-        args += option_args({**hparams["train_overrides"], **own})
-        run_stage(f"Training {init}", folder, train, args)
+        options = {
+            **hparams["train_overrides"],
+            **hparams.get("init_overrides", {}).get(init, {}),
+        }
+        args += option_args(options)
+        inputs = [init_parameters(options.get("init_from"))]
+        run_stage(f"Training {init}", folder, train, args, inputs)
         checkpoints[init] = folder
+    adapted = hparams.get("adapted_inits") or list(hparams["inits"])
+    unknown = set(adapted) - set(hparams["inits"])
+    if unknown:
+        raise ValueError(f"adapted_inits {sorted(unknown)} are not in inits.")
+    checkpoints = {init: checkpoints[init] for init in adapted}
     encoder_file = reference_encoder(checkpoints)
 
     rows = []
@@ -197,7 +231,7 @@ def main(argv: list) -> dict:
         (target, budget, init)
         for target in hparams["targets"]
         for budget in hparams["budgets"]
-        for init in hparams["inits"]
+        for init in adapted
     ]
     for number, (target, budget, init) in enumerate(runs, start=1):
         label = budget_label(budget, hparams["budget_unit"])
@@ -218,7 +252,8 @@ def main(argv: list) -> dict:
         args = [hparams["adapt_hparams"], "--output_folder", folder, *passed_on]
         args += option_args(options)
         name = f"Adaptation {number}/{len(runs)} ({init} -> {target}, {label})"
-        run_stage(name, folder, adapt, args)
+        inputs = [init_parameters(checkpoints[init]), encoder_file]
+        run_stage(name, folder, adapt, args, inputs)
         rows += read_results(os.path.join(folder, "curve.csv"))
 
     outputs = {

@@ -18,12 +18,15 @@ speechbrain-meta developers
 import json
 import logging
 import os
+import shutil
 import sys
 
 import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.distributed import if_main_process, run_on_main
+
+from speechbrain_meta.adaptation import load_init_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -266,6 +269,28 @@ def dataio_prepare(hparams: dict) -> tuple:
     return datasets, encoder
 
 
+def warm_start(hparams: dict) -> None:
+    """Start from the parameters of another run (YAML ``init_from``).
+
+    The model gets the parameters of ``init_from`` (a ``train.py`` output
+    folder, a Checkpointer folder, a ``CKPT+`` folder or a ``model.ckpt``;
+    in a folder, the checkpoint with the lowest ``init_min_key``) and the run
+    its character encoder. A run that has its own checkpoint resumes from it:
+    ``Brain.fit`` recovers it over these parameters.
+    """
+    if hparams.get("init_from") is None:
+        return
+    init = load_init_parameters(
+        hparams["model"], hparams["init_from"], hparams.get("init_min_key", "CER")
+    )
+    logger.info(f"Warm start from {init.paramfile}")
+    base_encoder = os.path.join(init.save_folder, "label_encoder.txt")
+    own_encoder = hparams["label_encoder_file"]
+    if os.path.isfile(base_encoder) and not os.path.isfile(own_encoder):
+        os.makedirs(os.path.dirname(own_encoder), exist_ok=True)
+        run_on_main(shutil.copyfile, args=[base_encoder, own_encoder])
+
+
 def load_experiment(argv: list) -> tuple:
     """A recipe's command line: its YAML loaded, its output folder created.
 
@@ -305,6 +330,7 @@ def main(argv: list) -> None:
                 "seed": hparams["seed"],
             },
         )
+    warm_start(hparams)
     datasets, encoder = dataio_prepare(hparams)
 
     brain_class = type("ASRBrain", (ASR, hparams["brain_class"]), {})

@@ -12,8 +12,9 @@ what is not recipe-specific:
   rows if there are, else the layers grow), each new row initialised from its
   base letter (``ř`` from ``r``, ``ã`` from ``a``) or, lacking one, the mean of
   the known letters' rows. Rows of known labels are never changed;
-* :func:`find_init_checkpoint`: the parameter file of an initialisation from a
-  ``train.py`` output folder, a Checkpointer folder, one checkpoint or a file;
+* :func:`find_init_checkpoint` / :func:`load_init_parameters`: the parameter
+  file of an initialisation from a ``train.py`` output folder, a Checkpointer
+  folder, one checkpoint or a file, and loading it into a model;
 * :func:`adaptation_curve`: fine-tune for a number of steps and evaluate on
   the test set after each point of a curve (e.g. 0, 10, 25, 50, 100 steps).
 """
@@ -29,7 +30,7 @@ import torch
 from speechbrain.dataio.dataloader import make_dataloader
 from speechbrain.dataio.dataset import FilteredSortedDynamicItemDataset
 from speechbrain.dataio.sampler import ReproducibleRandomSampler
-from speechbrain.utils.checkpoints import Checkpointer
+from speechbrain.utils.checkpoints import Checkpointer, torch_recovery
 from tqdm import tqdm
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "budget_subset",
     "extend_vocabulary",
     "find_init_checkpoint",
+    "load_init_parameters",
     "select_budget",
 ]
 
@@ -370,6 +372,56 @@ def find_init_checkpoint(
             "output folder, its save folder, a CKPT+ folder or a .ckpt file."
         )
     return InitCheckpoint(str(checkpoint.paramfiles[recoverable]), save_folder)
+
+
+def load_init_parameters(
+    model: torch.nn.Module, path: str, min_key: Optional[str] = "CER"
+) -> InitCheckpoint:
+    """Load an initialisation's parameters into ``model``.
+
+    Arguments
+    ---------
+    model : torch.nn.Module
+        The model, with the architecture of the checkpoint.
+    path : str
+        Where the initialisation is (see :func:`find_init_checkpoint`).
+    min_key : str, optional
+        In a folder of checkpoints, the meta key to minimise; None: latest.
+
+    Returns
+    -------
+    InitCheckpoint
+        The parameter file loaded and its Checkpointer folder.
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no such checkpoint.
+    ValueError
+        If the checkpoint does not fit ``model``.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> torch.save(torch.nn.Linear(2, 3).state_dict(), f"{folder}/model.ckpt")
+    >>> init = load_init_parameters(torch.nn.Linear(2, 3), folder)
+    >>> os.path.basename(init.paramfile)
+    'model.ckpt'
+    >>> load_init_parameters(torch.nn.Linear(2, 4), folder)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: The checkpoint '...model.ckpt' does not fit the model ...
+    """
+    init = find_init_checkpoint(path, min_key=min_key)
+    try:
+        torch_recovery(model, init.paramfile, end_of_epoch=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"The checkpoint '{init.paramfile}' does not fit the model (same "
+            f"architecture and output_neurons?): {error}"
+        ) from error
+    return init
 
 
 # ---------------------------------------------------------------- fine-tuning

@@ -228,3 +228,76 @@ def test_protocol_writes_csv_report_and_plots(init_run, tiny_corpus, tmp_path):
     evaluate_adaptation.main([str(protocol), "--noprogressbar"])
     assert os.path.getmtime(csv_file) == stamp
     assert read_results(outputs["csv"]) == rows
+
+
+CONTINUED_PROTOCOL = """
+seed: 1234
+title: Continued training
+output_folder: {out}
+data_preparation: []
+inits:
+    base: {init}
+    continued: {train}
+train_overrides:
+    data_folder: {data}
+    skip_prep: True
+init_overrides:
+    continued:
+        init_from: {init}
+        number_of_epochs: 1
+        episodes_per_epoch: 1
+        tasks_per_batch: 2
+        support_size: 2
+        query_size: 2
+        eval_support_size: 1
+        eval_query_size: 1
+        eval_episodes: 1
+adapted_inits: [continued]
+targets:
+    cs:
+        data_folder: {data}
+        task: cs
+budgets: [3]
+budget_unit: utterances
+curve_steps: {steps}
+adapt_hparams: {adapt}
+adapt_overrides:
+    batch_size: 3
+comparisons: []
+"""
+
+
+def test_protocol_trains_from_another_init_and_reruns_stale_stages(
+    init_run, tiny_corpus, tmp_path
+):
+    """A training stage warm-started from another init, only the adapted inits
+    adapted, and a stage whose settings changed run afresh."""
+    protocol = tmp_path / "protocol.yaml"
+    out = tmp_path / "out"
+
+    def run(steps):
+        protocol.write_text(
+            CONTINUED_PROTOCOL.format(
+                out=out,
+                init=init_run,
+                data=tiny_corpus["data_folder"],
+                adapt=ADAPT_YAML,
+                train=TRAIN_YAML,
+                steps=steps,
+            )  # fmt: skip
+        )
+        outputs = evaluate_adaptation.main([str(protocol), "--noprogressbar"])
+        return read_results(outputs["csv"])
+
+    rows = run("[0, 1]")
+    assert {(r["init"], r["step"]) for r in rows} == {
+        ("continued", 0),
+        ("continued", 1),
+    }
+    log = (out / "train" / "continued" / "log.txt").read_text()
+    assert "Warm start from" in log and init_run in log
+    adapted = out / "adapt" / "cs" / "3utt" / "continued"
+    (adapted / "stale").write_text("from the first run")
+    rows = run("[0, 2]")
+    assert {r["step"] for r in rows} == {0, 2}
+    assert not (adapted / "stale").exists()

@@ -85,3 +85,32 @@ def test_source_tasks_restrict_training(tiny_corpus, tmp_path):
     encoder = (tmp_path / "save" / "label_encoder.txt").read_text()
     labels = set(re.findall(r"^'(.)' => \d+$", encoder, flags=re.MULTILINE))
     assert labels == characters
+
+
+def test_warm_start_loads_another_runs_best_parameters(tiny_corpus, tmp_path):
+    """``init_from`` gives a run the base run's parameters and encoder."""
+    import torch
+
+    from train import warm_start
+
+    yaml = REPO / "hparams" / "fomaml_ctc.yaml"
+    base, warm = tmp_path / "base", tmp_path / "warm"
+    run_train(
+        yaml, tiny_corpus, base, "--number_of_epochs", "1",
+        "--episodes_per_epoch", "2", "--eval_episodes", "3",
+    )  # fmt: skip
+    with open(yaml, encoding="utf-8") as fin:
+        hparams = load_hyperpyyaml(
+            fin, {"output_folder": str(warm), "init_from": str(base)}
+        )
+    (checkpoint,) = (base / "save").glob("CKPT+*/model.ckpt")
+    expected = torch.load(checkpoint)
+    assert any(
+        not torch.equal(value, expected[name])
+        for name, value in hparams["model"].state_dict().items()
+    )
+    warm_start(hparams)
+    for name, value in hparams["model"].state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    encoder = (warm / "save" / "label_encoder.txt").read_text()
+    assert encoder == (base / "save" / "label_encoder.txt").read_text()
