@@ -33,7 +33,6 @@ Example
 ['dev', 'test', 'train']
 """
 
-import argparse
 import logging
 import os
 import random
@@ -62,6 +61,7 @@ from recipes.manifest import (
     write_manifest,
     write_record,
 )
+from recipes.preparation import preparation_parser, run_preparation
 
 __all__ = ["prepare_embedded_corpus"]
 
@@ -219,20 +219,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     argv : list of str, optional
         Arguments; default: ``sys.argv[1:]``.
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_folder", required=True, help="audio folder")
-    parser.add_argument("--save_folder", help="manifest folder (default: data_folder)")
+    parser = preparation_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="demo", help="tiny, demo or full")
     parser.add_argument("--languages", nargs="+", help="languages to build")
     parser.add_argument("--targets", nargs="+", help="held-out target languages")
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--num_workers", type=int, default=2)
-    parser.add_argument("--download_folder", help="Debian package cache")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    paths = prepare_embedded_corpus(**vars(args))
-    for split, path in paths.items():
-        print(f"{split}: {path}")
+    run_preparation(prepare_embedded_corpus, parser, argv)
 
 
 if __name__ == "__main__":

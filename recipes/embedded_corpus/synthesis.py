@@ -33,10 +33,10 @@ from typing import NamedTuple
 
 from tqdm import tqdm
 
+from recipes.preparation import sox_wav_command
 from speechbrain_meta.text import normalize_text
 
 __all__ = [
-    "SAMPLE_RATE",
     "SynthesisError",
     "Utterance",
     "espeak_voices",
@@ -44,8 +44,6 @@ __all__ = [
     "synthesize",
     "synthesize_all",
 ]
-
-SAMPLE_RATE = 16000
 
 
 class SynthesisError(RuntimeError):
@@ -196,25 +194,7 @@ def synthesize(utterance: Utterance) -> str:
         )
     tmp = f"{utterance.wav}.{os.getpid()}.tmp"
     sox = subprocess.run(
-        [
-            "sox",
-            "-R",
-            "-V1",
-            "-t",
-            "wav",
-            "-",
-            "-r",
-            str(SAMPLE_RATE),
-            "-c",
-            "1",
-            "-b",
-            "16",
-            "-t",
-            "wav",
-            tmp,
-            "vol",
-            str(utterance.volume),
-        ],
+        sox_wav_command(["-t", "wav", "-"], tmp, ["vol", str(utterance.volume)]),
         input=espeak.stdout,
         capture_output=True,
     )

@@ -29,7 +29,6 @@ Example
 ['dev', 'test', 'train']
 """
 
-import argparse
 import logging
 import os
 import random
@@ -53,6 +52,7 @@ from recipes.manifest import (
     write_manifest,
     write_record,
 )
+from recipes.preparation import preparation_parser, run_preparation, sox_wav_command
 from speechbrain_meta.text import is_clean, normalize_text
 
 __all__ = ["Clip", "find_clips", "prepare_fillets_cs", "split_clips", "speaker_of"]
@@ -63,7 +63,6 @@ SPEECH_PACKAGE = "fillets-ng-data-cs"
 TEXT_PACKAGE = "fillets-ng-data"
 SPLIT_FRACTIONS = {"train": 0.7, "dev": 0.1, "test": 0.2}
 MIN_DURATION = 0.3
-SAMPLE_RATE = 16000
 # Fonts that name a colour, not a character: different levels use them for
 # different characters, so their speaker is "<level>-<colour>".
 _COLOUR_FONTS = {
@@ -199,24 +198,7 @@ def _convert(clip: Clip) -> None:
     if os.path.isfile(clip.wav):
         return
     tmp = f"{clip.wav}.{os.getpid()}.tmp"
-    subprocess.run(
-        [
-            "sox",
-            "-R",
-            "-V1",
-            clip.ogg,
-            "-r",
-            str(SAMPLE_RATE),
-            "-c",
-            "1",
-            "-b",
-            "16",
-            "-t",
-            "wav",
-            tmp,
-        ],
-        check=True,
-    )
+    subprocess.run(sox_wav_command([clip.ogg], tmp), check=True)
     os.replace(tmp, clip.wav)
 
 
@@ -323,18 +305,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     argv : list of str, optional
         Arguments; default: ``sys.argv[1:]``.
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_folder", required=True, help="audio folder")
-    parser.add_argument("--save_folder", help="manifest folder (default: data_folder)")
-    parser.add_argument("--seed", type=int, default=1234)
+    parser = preparation_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--max_clips", type=int, help="keep this many clips only")
-    parser.add_argument("--download_folder", help="Debian package cache")
-    parser.add_argument("--num_workers", type=int, default=2)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    paths = prepare_fillets_cs(**vars(args))
-    for split, path in paths.items():
-        print(f"{split}: {path}")
+    run_preparation(prepare_fillets_cs, parser, argv)
 
 
 if __name__ == "__main__":
