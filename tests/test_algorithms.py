@@ -120,6 +120,36 @@ def test_maml_gradient_matches_finite_differences(steps, recipe, make_task):
     )
 
 
+def speech_like_net():
+    """The layers of the recipe's model, small: Conv1d, LayerNorm, BiGRU, Linear."""
+    torch.manual_seed(0)
+    net = sb.nnet.containers.Sequential(input_shape=[None, None, 3])
+    net.append(sb.nnet.CNN.Conv1d, out_channels=4, kernel_size=3, layer_name="conv")
+    net.append(sb.nnet.normalization.LayerNorm, layer_name="norm")
+    net.append(torch.nn.LeakyReLU(), layer_name="act")
+    net.append(sb.nnet.RNN.GRU, hidden_size=3, bidirectional=True, layer_name="rnn")
+    net.append(sb.nnet.linear.Linear, n_neurons=3, layer_name="out")
+    return net
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_maml_gradient_through_the_recipe_layers(steps):
+    """Directional finite differences through SpeechBrain's Conv1d, LayerNorm,
+    GRU and the CTC loss: the layers of the default model."""
+    brain = make_brain(MAML, TinyCTC, net=speech_like_net(), inner_steps=steps)
+    task = ctc_task(1)
+    gradient = meta_gradient(brain, task)
+    theta = torch.nn.utils.parameters_to_vector(brain.modules.net.parameters())
+    theta = theta.detach()
+    direction = torch.randn(theta.shape, generator=torch.Generator().manual_seed(3))
+    direction = direction.double()
+    eps = 1e-6
+    plus = adapted_query_loss(brain, task, steps, theta + eps * direction)
+    minus = adapted_query_loss(brain, task, steps, theta - eps * direction)
+    expected = (plus - minus) / (2 * eps)
+    torch.testing.assert_close(gradient @ direction, expected, rtol=1e-6, atol=1e-9)
+
+
 def test_fomaml_is_the_query_gradient_at_the_adapted_weights():
     brain = make_brain(FOMAML, inner_steps=2)
     task = regression_task(2)
