@@ -358,6 +358,10 @@ def main(argv: list) -> None:
         min_key="CER",
         test_loader_kwargs={"batch_sampler": hparams["eval_sampler"](datasets["test"])},
     )
+    if torch.distributed.is_initialized():
+        # Left to the interpreter's shutdown, gloo's threads may abort the
+        # process after the work is done.
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -60,8 +60,17 @@ class MAML(MetaBrain):
 
     @property
     def first_order(self) -> bool:
-        """Whether second-order terms are dropped (YAML ``first_order``)."""
-        return bool(self._hparam("first_order", self.default_first_order))
+        """Whether second-order terms are dropped in this meta-step.
+
+        Always with YAML ``first_order: True``; otherwise during the first
+        ``first_order_steps`` meta-steps (default 0), the derivative-order
+        annealing of Antoniou et al. (2019, "How to train your MAML"): cheap
+        first-order steps while the model is far from any solution, second
+        order afterwards.
+        """
+        if self._hparam("first_order", self.default_first_order):
+            return True
+        return self.optimizer_step < int(self._hparam("first_order_steps", 0))
 
     def task_step(self, task) -> Optional[Tuple[torch.Tensor, Tensors]]:
         """Back-propagate the query loss after adaptation to theta.

@@ -36,6 +36,11 @@ def main(algorithm_name: str, out_file: str) -> None:
     )
     vector = torch.nn.utils.parameters_to_vector(brain.modules.parameters())
     torch.save({"params": vector.detach(), "episodes": seen}, f"{out_file}.{rank}")
+    # Tear gloo down before exit: left to the interpreter's shutdown, its
+    # threads sometimes abort the process ("terminate called without an
+    # active exception") after the work is done.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -150,6 +150,17 @@ def test_maml_gradient_through_the_recipe_layers(steps):
     torch.testing.assert_close(gradient @ direction, expected, rtol=1e-6, atol=1e-9)
 
 
+def test_maml_runs_first_order_for_its_first_order_steps():
+    """Derivative-order annealing: FOMAML's gradient, then MAML's."""
+    task = regression_task(2)
+    fomaml = meta_gradient(make_brain(FOMAML, inner_steps=2), task)
+    maml = meta_gradient(make_brain(MAML, inner_steps=2), task)
+    brain = make_brain(MAML, inner_steps=2, first_order_steps=1)
+    torch.testing.assert_close(meta_gradient(brain, task), fomaml)
+    brain.optimizer_step = 1  # one meta-step done
+    torch.testing.assert_close(meta_gradient(brain, task), maml)
+
+
 def test_fomaml_is_the_query_gradient_at_the_adapted_weights():
     brain = make_brain(FOMAML, inner_steps=2)
     task = regression_task(2)
