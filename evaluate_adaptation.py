@@ -201,6 +201,11 @@ def main(argv: list) -> dict:
     if hparams.get("num_threads"):
         torch.set_num_threads(hparams["num_threads"])
 
+    adapted = hparams.get("adapted_inits") or list(hparams["inits"])
+    unknown = set(adapted) - set(hparams["inits"])
+    if unknown:
+        raise ValueError(f"adapted_inits {sorted(unknown)} are not in inits.")
+
     for prepare in hparams["data_preparation"]:
         prepare()
 
@@ -219,10 +224,6 @@ def main(argv: list) -> dict:
         inputs = [init_parameters(options.get("init_from"))]
         run_stage(f"Training {init}", folder, train, args, inputs)
         checkpoints[init] = folder
-    adapted = hparams.get("adapted_inits") or list(hparams["inits"])
-    unknown = set(adapted) - set(hparams["inits"])
-    if unknown:
-        raise ValueError(f"adapted_inits {sorted(unknown)} are not in inits.")
     checkpoints = {init: checkpoints[init] for init in adapted}
     encoder_file = reference_encoder(checkpoints)
 

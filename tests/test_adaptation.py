@@ -301,3 +301,15 @@ def test_protocol_trains_from_another_init_and_reruns_stale_stages(
     rows = run("[0, 2]")
     assert {r["step"] for r in rows} == {0, 2}
     assert not (adapted / "stale").exists()
+
+
+def test_protocol_rejects_unknown_adapted_inits(init_run, tiny_corpus, tmp_path):
+    protocol = tmp_path / "protocol.yaml"
+    text = PROTOCOL.format(
+        out=tmp_path / "out", init=init_run, data=tiny_corpus["data_folder"],
+        adapt=ADAPT_YAML,
+    )  # fmt: skip
+    protocol.write_text(text + "adapted_inits: [trained, nope]\n")
+    with pytest.raises(ValueError, match=r"adapted_inits \['nope'\] are not in"):
+        evaluate_adaptation.main([str(protocol), "--noprogressbar"])
+    assert not (tmp_path / "out" / "adapt").exists()
