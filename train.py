@@ -277,6 +277,12 @@ def warm_start(hparams: dict) -> None:
     in a folder, the checkpoint with the lowest ``init_min_key``) and the run
     its character encoder. A run that has its own checkpoint resumes from it:
     ``Brain.fit`` recovers it over these parameters.
+
+    Arguments
+    ---------
+    hparams : dict
+        The loaded YAML (``init_from``, ``init_min_key``, ``model``,
+        ``label_encoder_file``).
     """
     if hparams.get("init_from") is None:
         return
