@@ -365,8 +365,8 @@ def main(argv: list) -> None:
         test_loader_kwargs={"batch_sampler": hparams["eval_sampler"](datasets["test"])},
     )
     if torch.distributed.is_initialized():
-        # Left to the interpreter's shutdown, gloo's threads may abort the
-        # process after the work is done.
+        # Release the process group ourselves rather than leave it to the
+        # interpreter's shutdown (PyTorch warns about that with NCCL).
         torch.distributed.destroy_process_group()
 
 
