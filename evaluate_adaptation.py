@@ -135,9 +135,28 @@ def run_stage(name: str, folder: str, script, argv: list, inputs=()) -> None:
     mark_stage_done(folder, settings, seconds=time.time() - start)
 
 
-def init_parameters(path: Optional[str]) -> Optional[str]:
-    """The parameter file an initialisation path resolves to (None: none)."""
-    return None if path is None else find_init_checkpoint(path).paramfile
+def init_parameters(options: dict, key: str) -> Optional[str]:
+    """The parameter file a stage starts from (None: none).
+
+    Arguments
+    ---------
+    options : dict
+        The stage's YAML overrides.
+    key : str
+        The one naming the initialisation (``init_from``, ``init_checkpoint``);
+        ``init_min_key`` picks the checkpoint as the stage itself does.
+
+    Returns
+    -------
+    str or None
+        The ``model.ckpt`` it loads.
+    """
+    path = options.get(key)
+    if path is None:
+        return None
+    return find_init_checkpoint(
+        path, min_key=options.get("init_min_key", "CER")
+    ).paramfile
 
 
 def reference_encoder(checkpoints: dict) -> Optional[str]:
@@ -221,7 +240,7 @@ def main(argv: list) -> dict:
             **hparams.get("init_overrides", {}).get(init, {}),
         }
         args += option_args(options)
-        inputs = [init_parameters(options.get("init_from"))]
+        inputs = [init_parameters(options, "init_from")]
         run_stage(f"Training {init}", folder, train, args, inputs)
         checkpoints[init] = folder
     checkpoints = {init: checkpoints[init] for init in adapted}
@@ -253,7 +272,7 @@ def main(argv: list) -> dict:
         args = [hparams["adapt_hparams"], "--output_folder", folder, *passed_on]
         args += option_args(options)
         name = f"Adaptation {number}/{len(runs)} ({init} -> {target}, {label})"
-        inputs = [init_parameters(checkpoints[init]), encoder_file]
+        inputs = [init_parameters(options, "init_checkpoint"), encoder_file]
         run_stage(name, folder, adapt, args, inputs)
         rows += read_results(os.path.join(folder, "curve.csv"))
 
