@@ -64,9 +64,7 @@ def load_initialisation(hparams: dict):
     if path is not None:
         init = load_init_parameters(hparams["model"], path, hparams["init_min_key"])
         logger.info(f"Initialisation: {init.paramfile}")
-        encoder_file = encoder_file or os.path.join(
-            init.save_folder, "label_encoder.txt"
-        )
+        encoder_file = encoder_file or init.label_encoder_file
     else:
         logger.info("Initialisation: random")
     if encoder_file is None:

@@ -179,7 +179,7 @@ def reference_encoder(checkpoints: dict) -> Optional[str]:
         If two initialisations have different character encoders.
     """
     files = {
-        name: os.path.join(find_init_checkpoint(path).save_folder, "label_encoder.txt")
+        name: find_init_checkpoint(path).label_encoder_file
         for name, path in checkpoints.items()
         if path is not None
     }

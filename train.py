@@ -290,11 +290,10 @@ def warm_start(hparams: dict) -> None:
         hparams["model"], hparams["init_from"], hparams.get("init_min_key", "CER")
     )
     logger.info(f"Warm start from {init.paramfile}")
-    base_encoder = os.path.join(init.save_folder, "label_encoder.txt")
     own_encoder = hparams["label_encoder_file"]
-    if os.path.isfile(base_encoder) and not os.path.isfile(own_encoder):
+    if os.path.isfile(init.label_encoder_file) and not os.path.isfile(own_encoder):
         os.makedirs(os.path.dirname(own_encoder), exist_ok=True)
-        run_on_main(shutil.copyfile, args=[base_encoder, own_encoder])
+        run_on_main(shutil.copyfile, args=[init.label_encoder_file, own_encoder])
 
 
 def load_experiment(argv: list) -> tuple:

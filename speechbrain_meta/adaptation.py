@@ -315,6 +315,11 @@ class InitCheckpoint(NamedTuple):
     paramfile: str
     save_folder: str
 
+    @property
+    def label_encoder_file(self) -> str:
+        """The ``label_encoder.txt`` that ``train.py`` saves beside it."""
+        return os.path.join(self.save_folder, "label_encoder.txt")
+
 
 def find_init_checkpoint(
     path: str, recoverable: str = "model", min_key: Optional[str] = "CER"
