@@ -3,7 +3,10 @@
 * :data:`SAMPLE_RATE` and :func:`sox_wav_command`: every recipe writes 16 kHz
   mono 16-bit wav files, converted with sox;
 * :func:`preparation_parser` / :func:`run_preparation`: the command line of a
-  ``prepare.py`` (the options every recipe has, then its own).
+  ``prepare.py`` (the options every recipe has, then its own); a user's
+  mistake (a :class:`speechbrain_meta.errors.SetupError`, e.g. a
+  ``--data_folder`` that holds files the recipe did not make) is printed on
+  one line, without a traceback, with exit status 2.
 
 Example
 -------
@@ -17,6 +20,9 @@ Example
 import argparse
 import logging
 from typing import Callable, Optional, Sequence
+
+from recipes.manifest import COMMAND_LINE_CHOICE, FolderNotOwnedError
+from speechbrain_meta.errors import SetupError
 
 __all__ = [
     "SAMPLE_RATE",
@@ -84,6 +90,11 @@ def run_preparation(
 ) -> None:
     """Run a preparation function from the command line; print its manifests.
 
+    A :class:`speechbrain_meta.errors.SetupError` is printed as
+    ``<prog>: error: <message>`` and exits with status 2; a
+    :class:`recipes.manifest.FolderNotOwnedError` names
+    ``--data_folder/--save_folder`` as the options to change.
+
     Arguments
     ---------
     prepare : callable
@@ -95,5 +106,11 @@ def run_preparation(
     """
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for split, path in prepare(**vars(args)).items():
+    try:
+        manifests = prepare(**vars(args))
+    except SetupError as error:
+        if isinstance(error, FolderNotOwnedError):
+            error = error.with_choice(COMMAND_LINE_CHOICE)
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    for split, path in manifests.items():
         print(f"{split}: {path}")

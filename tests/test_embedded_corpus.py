@@ -189,6 +189,8 @@ def test_unknown_size(tmp_path):
         prepare_embedded_corpus(str(tmp_path), size="huge")
 
 
+# tmp_path holds the test's corpus.yaml, so these build into tmp_path / "corpus":
+# the recipe does not write into a folder with files it did not make.
 def test_source_without_text(tmp_path, monkeypatch, download_folder):
     # klavaro's word lists have one word a line: no sentence of two words or more
     words = {
@@ -201,8 +203,9 @@ def test_source_without_text(tmp_path, monkeypatch, download_folder):
         tmp_path,
         lambda c: c["language_settings"]["nl"]["sources"].append(words),
     )
+    folder = str(tmp_path / "corpus")
     with pytest.raises(NotEnoughTextError, match="nl.words"):
-        prepare_embedded_corpus(str(tmp_path), download_folder=download_folder, **SMALL)
+        prepare_embedded_corpus(folder, download_folder=download_folder, **SMALL)
 
 
 def test_missing_source_file(tmp_path, monkeypatch, download_folder):
@@ -212,8 +215,9 @@ def test_missing_source_file(tmp_path, monkeypatch, download_folder):
         tmp_path,
         lambda c: c["language_settings"]["nl"].update(sources=[missing]),
     )
+    folder = str(tmp_path / "corpus")
     with pytest.raises(NotEnoughTextError, match="no/such/file"):
-        prepare_embedded_corpus(str(tmp_path), download_folder=download_folder, **SMALL)
+        prepare_embedded_corpus(folder, download_folder=download_folder, **SMALL)
 
 
 def test_too_little_text(tmp_path, monkeypatch, download_folder):
@@ -224,7 +228,7 @@ def test_too_little_text(tmp_path, monkeypatch, download_folder):
     use_config(monkeypatch, tmp_path, klavaro_only)
     with pytest.raises(NotEnoughTextError, match="'demo' size needs"):
         prepare_embedded_corpus(
-            str(tmp_path),
+            str(tmp_path / "corpus"),
             size="demo",
             languages=["nl"],
             targets=[],

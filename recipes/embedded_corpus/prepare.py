@@ -18,6 +18,16 @@ Speakers and sentences are disjoint between splits. A rerun with the same
 options returns at once; an interrupted run is completed by a rerun (existing
 wavs are reused).
 
+The recipe writes only into folders it owns (see :mod:`recipes.manifest`):
+``data_folder`` and ``save_folder`` must each be missing, empty, or hold a
+``corpus.json`` of this recipe (``"recipe": "embedded_corpus"``, or a record of
+an earlier version with the same option keys). A folder with anything else in
+it, such as a user's own manifests or a Czech Fish Fillets folder, raises
+:class:`recipes.manifest.FolderNotOwnedError` before anything is written (pass
+``--skip_prep True`` to train on those manifests, or choose another folder).
+Before the first download or wav, ``corpus.json`` marks the build as in
+progress; the complete record is written last.
+
 Command line (from the repository root)::
 
     python -m recipes.embedded_corpus.prepare --data_folder data/embedded --size demo
@@ -54,7 +64,7 @@ from recipes.embedded_corpus.synthesis import (
 )
 from recipes.executables import require_executables
 from recipes.manifest import (
-    RECORD_NAME,
+    claim_folders,
     is_prepared,
     manifest_paths,
     wav_duration,
@@ -63,7 +73,9 @@ from recipes.manifest import (
 )
 from recipes.preparation import preparation_parser, run_preparation
 
-__all__ = ["prepare_embedded_corpus"]
+__all__ = ["RECIPE", "prepare_embedded_corpus"]
+
+RECIPE = "embedded_corpus"
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +132,9 @@ def prepare_embedded_corpus(
 
     Raises
     ------
+    recipes.manifest.FolderNotOwnedError
+        When ``data_folder`` or ``save_folder`` holds files that this recipe
+        did not make (nothing is written then).
     recipes.embedded_corpus.config.UnknownSizeError
         When ``size`` is not defined in ``corpus.yaml``.
     recipes.embedded_corpus.config.UnknownLanguageError
@@ -144,7 +159,7 @@ def prepare_embedded_corpus(
         "config": config_digest(config),
     }
     paths = manifest_paths(save_folder, SPLITS)
-    if is_prepared(save_folder, SPLITS, options):
+    if is_prepared(save_folder, SPLITS, options, RECIPE):
         logger.info("Embedded corpus already prepared in %s, skipping.", save_folder)
         return paths
     require_executables({"espeak-ng": "espeak-ng", "sox": "sox"})
@@ -156,9 +171,16 @@ def prepare_embedded_corpus(
                 f"espeak-ng has no voice '{settings[lang]['voice']}' for language "
                 f"'{lang}'."
             )
-    record = os.path.join(save_folder, RECORD_NAME)
-    if os.path.exists(record):  # the folder holds another build until we finish
-        os.remove(record)
+    described = {
+        "languages": plan.languages,
+        "targets": plan.targets,
+        "size": plan.size,
+        "seed": seed,
+    }
+    # Before anything is written (the default download cache is in data_folder).
+    folders = claim_folders(
+        [data_folder, save_folder], RECIPE, options, download_folder, **described
+    )
 
     utterances = {split: [] for split in SPLITS}
     wav_folder = os.path.join(data_folder, "wav")
@@ -198,15 +220,7 @@ def prepare_embedded_corpus(
     for split in SPLITS:
         rows[split] = [_manifest_row(u) for u in utterances[split]]
         write_manifest(paths[split], rows[split])
-    write_record(
-        save_folder,
-        options,
-        rows,
-        languages=plan.languages,
-        targets=plan.targets,
-        size=plan.size,
-        seed=seed,
-    )
+    write_record(folders, RECIPE, options, rows, **described)
     logger.info("Embedded corpus manifests written to %s.", save_folder)
     return paths
 

@@ -18,6 +18,17 @@ Outputs (same format as the embedded corpus): ``<data_folder>/wav/cs/<ID>.wav``,
 ``<save_folder>/{train,dev,test}.csv`` (``ID,duration,wav,spk_id,lang,wrd``,
 ``lang`` = ``cs``) and ``<save_folder>/corpus.json``.
 
+The recipe writes only into folders it owns (see :mod:`recipes.manifest`):
+``data_folder`` and ``save_folder`` must each be missing, empty, or hold a
+``corpus.json`` of this recipe (``"recipe": "fillets_cs"``, or a record of an
+earlier version with the same option keys). A folder with anything else in
+it, such as a user's own manifests or an embedded corpus, raises
+:class:`recipes.manifest.FolderNotOwnedError` before anything is written (pass
+``--skip_prep True`` to train on those manifests, or choose another folder).
+Before the first download or wav, ``corpus.json`` marks the build as in
+progress; the complete record is written last. A rerun with the same options
+returns at once; an interrupted run is completed by a rerun.
+
 Command line (from the repository root)::
 
     python -m recipes.fillets_cs.prepare --data_folder data/fillets_cs
@@ -45,7 +56,7 @@ from recipes.debian_sources import fetch_package
 from recipes.executables import require_executables
 from recipes.fillets_dialogs import DIALOG_ROOT, DialogLine, read_dialogs
 from recipes.manifest import (
-    RECORD_NAME,
+    claim_folders,
     is_prepared,
     manifest_paths,
     wav_duration,
@@ -55,7 +66,16 @@ from recipes.manifest import (
 from recipes.preparation import preparation_parser, run_preparation, sox_wav_command
 from speechbrain_meta.text import is_clean, normalize_text
 
-__all__ = ["Clip", "find_clips", "prepare_fillets_cs", "split_clips", "speaker_of"]
+__all__ = [
+    "RECIPE",
+    "Clip",
+    "find_clips",
+    "prepare_fillets_cs",
+    "split_clips",
+    "speaker_of",
+]
+
+RECIPE = "fillets_cs"
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +255,9 @@ def prepare_fillets_cs(
 
     Raises
     ------
+    recipes.manifest.FolderNotOwnedError
+        When ``data_folder`` or ``save_folder`` holds files that this recipe
+        did not make (nothing is written then).
     recipes.executables.MissingExecutableError
         When ``sox`` (or, to download, ``apt-get``) is not installed.
     recipes.debian_sources.PackageDownloadError
@@ -249,13 +272,15 @@ def prepare_fillets_cs(
         "min_duration": MIN_DURATION,
     }
     paths = manifest_paths(save_folder, list(SPLIT_FRACTIONS))
-    if is_prepared(save_folder, list(SPLIT_FRACTIONS), options):
+    if is_prepared(save_folder, list(SPLIT_FRACTIONS), options, RECIPE):
         logger.info("Czech Fish Fillets NG is prepared in %s, skipping.", save_folder)
         return paths
     require_executables({"sox": "sox"})
-    record = os.path.join(save_folder, RECORD_NAME)
-    if os.path.exists(record):  # the folder holds another build until we finish
-        os.remove(record)
+    described = {"languages": ["cs"], "targets": ["cs"], "seed": seed}
+    # Before anything is written (the default download cache is in data_folder).
+    folders = claim_folders(
+        [data_folder, save_folder], RECIPE, options, download_folder, **described
+    )
 
     text_root = fetch_package(TEXT_PACKAGE, download_folder)
     speech_root = fetch_package(SPEECH_PACKAGE, download_folder)
@@ -284,15 +309,7 @@ def prepare_fillets_cs(
         ]
         write_manifest(paths[split], rows[split])
     speakers = {split: sorted({r["spk_id"] for r in rows[split]}) for split in rows}
-    write_record(
-        save_folder,
-        options,
-        rows,
-        languages=["cs"],
-        targets=["cs"],
-        seed=seed,
-        speakers=speakers,
-    )
+    write_record(folders, RECIPE, options, rows, **described, speakers=speakers)
     logger.info("Czech Fish Fillets NG manifests written to %s.", save_folder)
     return paths
 
