@@ -402,16 +402,23 @@ class _LogLikelihood(torch.autograd.Function):
         # that whatever they hold (NaN included) reaches neither the loss nor
         # its derivatives, which are zero there.
         clean = emissions.clamp(min=_NEG).masked_fill_(plan.outside, 0.0)
+        # A NaN inside a sequence makes that sample's loss and gradient NaN, as
+        # natively. It is zeroed for the recursions, which run over all the
+        # samples in one buffer and would carry it into the next samples.
+        nan_entries = clean.isnan()
+        nan_samples = nan_entries.flatten(2).any(2).any(0)
+        clean.masked_fill_(nan_entries, 0.0)
         flat_emissions = _layout(clean, plan, _NEG)
         alpha = _recursion(flat_emissions, plan)
-        ctx.save_for_backward(emissions, flat_emissions, alpha)
+        ctx.save_for_backward(emissions, flat_emissions, alpha, nan_samples)
         ctx.plan = plan
-        return _log_likelihood(alpha, plan)
+        return _log_likelihood(alpha, plan).masked_fill_(nan_samples, float("nan"))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
-        emissions, flat_emissions, alpha = ctx.saved_tensors
+        emissions, flat_emissions, alpha, nan_samples = ctx.saved_tensors
         plan = ctx.plan
+        grad = grad.masked_fill(nan_samples, float("nan"))
         if torch.is_grad_enabled():  # create_graph=True: keep it differentiable
             return _Posterior.apply(emissions, grad, flat_emissions, alpha, plan), None
         posterior = _posterior_weights(flat_emissions, alpha, plan)
@@ -454,7 +461,7 @@ def ctc_loss_differentiable(
         averaged over the batch.
     zero_infinity : bool
         Replace infinite losses (inputs too short for their targets) and their
-        gradients with zeros.
+        gradients with zeros. NaN inputs give NaN losses either way.
 
     Returns
     -------
@@ -516,9 +523,11 @@ def ctc_loss_differentiable(
     emissions = log_probs[:steps].to(dtype).gather(2, extended.expand(steps, -1, -1))
     log_likelihood = _LogLikelihood.apply(emissions, plan)
 
-    feasible = log_likelihood.detach() > _NEG / 2
+    # NaN is not infeasible: it stays NaN, as with the native loss, so that a
+    # non-finite input is seen (and its task skipped) rather than zeroed.
+    infeasible = log_likelihood.detach() <= _NEG / 2
     fallback = 0.0 if zero_infinity else float("inf")
-    loss = torch.where(feasible, -log_likelihood, fallback).to(log_probs.dtype)
+    loss = torch.where(infeasible, fallback, -log_likelihood).to(log_probs.dtype)
     if reduction == "sum":
         return loss.sum()
     if reduction == "mean":

@@ -158,6 +158,26 @@ def test_infeasible_samples():
             assert loss[3] == 0
 
 
+def test_nan_inside_a_sequence_is_nan_for_that_sample_only():
+    """NaN is not "infeasible": its loss and gradient stay NaN, as natively."""
+    logits, targets, input_lengths, target_lengths = make_batch()
+    where = torch.zeros(logits.shape, dtype=torch.bool)
+    where[2, 1, 3] = True  # inside sample 1 (10 frames)
+    args = (targets, input_lengths, target_lengths, 0, "none", True)
+    losses, grads = [], []
+    for loss_fn in (ctc_loss_differentiable, F.ctc_loss):
+        log_probs = logits.log_softmax(-1).masked_fill(where, float("nan"))
+        losses.append(loss_fn(log_probs, *args))
+        grads.append(torch.autograd.grad(losses[-1].nansum(), logits)[0])
+    others = torch.arange(6) != 1
+    assert torch.isnan(losses[0][1]) and torch.isnan(losses[1][1])
+    torch.testing.assert_close(losses[0][others], losses[1][others])
+    assert torch.isnan(grads[0][:, 1]).any()
+    torch.testing.assert_close(grads[0][:, others], grads[1][:, others])
+    log_probs = logits.detach().log_softmax(-1).masked_fill(where, float("nan"))
+    assert torch.isnan(ctc_loss_differentiable(log_probs, *args[:4], "mean", True))
+
+
 def test_second_derivatives_stay_finite_with_infeasible_and_padding():
     """No NaN in first or second derivatives, whatever the padded frames hold."""
     logits, targets, input_lengths, target_lengths = make_batch()
