@@ -14,20 +14,24 @@ inner steps, ``phi = theta - a * sum_i grad L_S(phi_i)``:
   ordinary joint training on the same episodes, the usual baseline.
 """
 
+import logging
 from contextlib import nullcontext
 from functools import partial
 from typing import Optional, Tuple
 
 import torch
 
-from speechbrain_meta.brain import MetaBrain, Tensors
+from speechbrain_meta.brain import MetaBrain, NonFiniteError, Tensors
 from speechbrain_meta.diagnostics import (
     is_double_backward_error,
     not_twice_differentiable,
 )
+from speechbrain_meta.errors import SetupError
 from speechbrain_meta.functional import second_order_context
 
 __all__ = ["FOMAML", "MAML", "MultiTask", "Reptile"]
+
+logger = logging.getLogger(__name__)
 
 
 class MAML(MetaBrain):
@@ -57,6 +61,30 @@ class MAML(MetaBrain):
     """
 
     default_first_order = False
+
+    def check_hparams(self) -> None:
+        """Also refuse ``first_order: False`` under FOMAML; warn of MAML + True.
+
+        Raises
+        ------
+        speechbrain_meta.errors.SetupError
+            For FOMAML with ``first_order: False``, which would silently run
+            second-order MAML.
+        """
+        super().check_hparams()
+        first_order = self._hparam("first_order", None)
+        if first_order is None or bool(first_order) == self.default_first_order:
+            return
+        if self.default_first_order:
+            raise SetupError(
+                f"{type(self).__name__} is first-order MAML, but first_order is "
+                "False: use brain_class: !name:speechbrain_meta.MAML for second "
+                "order, or drop first_order from the YAML."
+            )
+        logger.warning(
+            "first_order: True makes MAML first-order MAML (FOMAML): the "
+            "second-order terms are dropped."
+        )
 
     @property
     def first_order(self) -> bool:
@@ -90,12 +118,9 @@ class MAML(MetaBrain):
                     self.inner_lr,
                     create_graph=not self.first_order,
                 )
-                if adapted is None:
-                    return None
                 loss = self.task_loss(adapted.parameters, adapted.buffers, task.query)
                 if not torch.isfinite(loss):
-                    self.check_loss_isfinite(loss)
-                    return None
+                    raise NonFiniteError(f"query loss {loss.item()}")
                 loss.backward()
             except RuntimeError as error:
                 if self.first_order or not is_double_backward_error(error):
@@ -139,8 +164,6 @@ class Reptile(MetaBrain):
         adapted = self.inner_loop(
             task.support, self.inner_steps, self.inner_lr, parameters=start
         )
-        if adapted is None:
-            return None
         with torch.no_grad():
             for name, p in theta.items():
                 step = p - adapted.parameters[name]
@@ -152,20 +175,22 @@ class MultiTask(MetaBrain):
     """Conventional multilingual training on the same episodes (baseline).
 
     Each task's support and query batches are ordinary training batches of
-    the shared model: the gradient is that of their losses at theta, the
-    buffers are updated in place as in plain training. Validation adapts
-    exactly as the meta-learners do, so the numbers are comparable.
+    the shared model: the gradient is that of the mean of their two losses at
+    theta. The buffers (normalisation statistics) are updated on copies, as
+    the meta-learners' are, and averaged over the episode's tasks, so that a
+    skipped task leaves no trace. Validation adapts exactly as the
+    meta-learners do, so the numbers are comparable.
     """
 
     def task_step(self, task) -> Optional[Tuple[torch.Tensor, Tensors]]:
-        """Back-propagate the support and query losses at theta."""
-        theta = self.meta_parameters()
+        """Back-propagate the mean of the support and query losses at theta."""
+        theta, buffers = self.meta_parameters(), self.copy_buffers()
         losses = []
-        for batch in (task.support, task.query):
-            loss = self.task_loss(theta, {}, batch)
+        for name, batch in (("support", task.support), ("query", task.query)):
+            loss = self.task_loss(theta, buffers, batch)
             if not torch.isfinite(loss):
-                self.check_loss_isfinite(loss)
-                return None
+                raise NonFiniteError(f"{name} loss {loss.item()}")
             losses.append(loss)
-        torch.stack(losses).mean().backward()
-        return torch.stack(losses).mean().detach(), {}
+        loss = torch.stack(losses).mean()
+        loss.backward()
+        return loss.detach(), buffers

@@ -19,15 +19,38 @@ YAML keys read from ``hparams`` (defaults in brackets):
 * ``inner_lr`` [0.1]: learning rate of those steps.
 * ``adapt_steps`` [``inner_steps``] and ``adapt_lr`` [``inner_lr``]: the same
   for the adaptation done in validation and test.
+* ``seed`` [0]: with the support utterances' ids, seeds the random state of
+  each test-time adaptation (dropout, augmentation), so that evaluating a
+  checkpoint twice gives the same scores.
+
+These keys and SpeechBrain's ``max_grad_norm`` are checked when the Brain is
+built (:meth:`MetaBrain.check_hparams`). Nothing non-finite reaches the
+weights: a task whose support loss, query loss or gradient is not finite is
+left out of its meta-step and counted (SpeechBrain's ``nonfinite_patience``
+stops a run that keeps failing), and utterances whose audio is not usable
+(:class:`~speechbrain_meta.sampler.EpisodicDataset`) are never trained on.
+With a checkpointer, checkpoints also hold the random number generators
+(exact resume) and checkpoints left incomplete by a kill are set aside before
+recovery.
 """
 
+import hashlib
+import logging
+import math
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import speechbrain as sb
 import torch
 import torch.distributed as dist
 from speechbrain.dataio.dataset import DynamicItemDataset
+from speechbrain.utils.distributed import run_on_main
 
+from speechbrain_meta.checkpoints import (
+    RandomState,
+    nonfinite_tensors,
+    set_aside_incomplete_checkpoints,
+)
+from speechbrain_meta.errors import SetupError
 from speechbrain_meta.functional import BrainObjective
 from speechbrain_meta.sampler import (
     EpisodicDataset,
@@ -36,9 +59,20 @@ from speechbrain_meta.sampler import (
     collate_episode,
 )
 
-__all__ = ["AdaptedWeights", "MetaBrain"]
+__all__ = ["AdaptedWeights", "MetaBrain", "NonFiniteError"]
+
+logger = logging.getLogger(__name__)
 
 Tensors = Dict[str, torch.Tensor]
+
+
+class NonFiniteError(ArithmeticError):
+    """A loss or gradient of one task is NaN or infinite: skip that task.
+
+    Raised by :meth:`MetaBrain.inner_loop` and the algorithms' ``task_step``;
+    :meth:`MetaBrain.fit_batch` and :meth:`MetaBrain.evaluate_batch` leave the
+    task out and count it. The message says which value it was.
+    """
 
 
 class AdaptedWeights(NamedTuple):
@@ -58,6 +92,12 @@ class AdaptedWeights(NamedTuple):
     parameters: Tensors
     buffers: Tensors
     loss: torch.Tensor
+
+
+def _all_finite(tensors) -> bool:
+    """Whether every tensor of ``tensors`` (None entries ignored) is finite."""
+    flags = [t.detach().isfinite().all() for t in tensors if t is not None]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 class MetaBrain(sb.Brain):
@@ -94,11 +134,55 @@ class MetaBrain(sb.Brain):
                 "grad_accumulation_factor must be 1 for meta-learning Brains: "
                 "raise the sampler's tasks_per_batch instead."
             )
+        self.check_hparams()
         self.nonfinite_count = 0
+        self.skipped_utterances: Dict[str, str] = {}
+        self.skipped_eval_tasks = 0
+        if self.checkpointer is not None:
+            # Optional: checkpoints written before it existed still load.
+            self.checkpointer.add_recoverable(
+                "random_state", RandomState(), optional_load=True
+            )
 
     # ------------------------------------------------------------------ keys
     def _hparam(self, name: str, default):
         return getattr(self.hparams, name, default) if self.hparams else default
+
+    def check_hparams(self) -> None:
+        """Refuse settings that would train wrongly, saying what to set instead.
+
+        ``inner_steps`` must be a whole number >= 1, ``adapt_steps`` >= 0,
+        ``inner_lr`` and ``adapt_lr`` finite and > 0, and ``max_grad_norm``
+        > 0 (``inf`` disables clipping; 0 would zero every gradient and a
+        negative value flips their sign). Subclasses add their own checks.
+
+        Raises
+        ------
+        speechbrain_meta.errors.SetupError
+            Naming the key, its value and what to set.
+        """
+        for name, minimum in (("inner_steps", 1), ("adapt_steps", 0)):
+            value = self._hparam(name, None)
+            if value is None:
+                continue
+            if isinstance(value, bool) or value != int(value) or value < minimum:
+                raise SetupError(
+                    f"{name} must be a whole number >= {minimum}, got {value!r}: "
+                    f"set --{name} to the number of SGD steps on the support set."
+                )
+        for name in ("inner_lr", "adapt_lr"):
+            value = self._hparam(name, None)
+            if value is not None and not (0 < float(value) < math.inf):
+                raise SetupError(
+                    f"{name} must be a finite learning rate > 0, got {value!r}: "
+                    f"set e.g. --{name} 0.05."
+                )
+        if not self.max_grad_norm > 0:
+            raise SetupError(
+                f"max_grad_norm must be > 0, got {self.max_grad_norm!r} (0 zeroes "
+                "every gradient, a negative value flips their sign): set e.g. "
+                "--max_grad_norm 5, or --max_grad_norm inf for no clipping."
+            )
 
     @property
     def inner_steps(self) -> int:
@@ -174,7 +258,7 @@ class MetaBrain(sb.Brain):
         lr: float,
         create_graph: bool = False,
         parameters: Optional[Tensors] = None,
-    ) -> Optional[AdaptedWeights]:
+    ) -> AdaptedWeights:
         """Adapt fast weights to ``batch`` with ``steps`` steps of SGD.
 
         The fast weights start from ``parameters`` (the meta-parameters by
@@ -198,24 +282,30 @@ class MetaBrain(sb.Brain):
 
         Returns
         -------
-        AdaptedWeights or None
-            None when a support loss is not finite (the task is counted as a
-            non-finite loss and must be skipped).
+        AdaptedWeights
+            The adapted weights, buffers and last support loss.
+
+        Raises
+        ------
+        NonFiniteError
+            When a support loss or its gradient is not finite (the task must
+            be skipped).
         """
         weights = self.meta_parameters() if parameters is None else parameters
         buffers = self.copy_buffers()
         loss = torch.zeros(())
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             loss = self.task_loss(weights, buffers, batch, sb.Stage.TRAIN)
             if not torch.isfinite(loss):
-                self.check_loss_isfinite(loss)
-                return None
+                raise NonFiniteError(f"support loss {loss.item()} at inner step {step}")
             grads = torch.autograd.grad(
                 loss,
                 list(weights.values()),
                 create_graph=create_graph,
                 allow_unused=True,
             )
+            if not _all_finite(grads):
+                raise NonFiniteError(f"support gradient at inner step {step}")
             weights = {
                 name: w if g is None else w - lr * g
                 for (name, w), g in zip(weights.items(), grads)
@@ -236,8 +326,14 @@ class MetaBrain(sb.Brain):
         tuple or None
             The detached loss to report and the buffers the task ended with
             (empty if the modules' own were updated in place), or None if the
-            task was skipped because a loss was not finite (then nothing was
-            added to the gradients).
+            task was skipped.
+
+        Raises
+        ------
+        NonFiniteError
+            When a loss is not finite; :meth:`fit_batch` then discards what
+            the task added to the gradients, as it does when the gradient the
+            task leaves is not finite.
         """
         raise NotImplementedError
 
@@ -265,6 +361,10 @@ class MetaBrain(sb.Brain):
     def fit_batch(self, batch: MetaBatch) -> torch.Tensor:
         """One meta-step: every task's contribution, averaged, then the step.
 
+        A task whose loss or gradient is not finite adds nothing and is
+        counted (:meth:`skip_task`); so are the utterances the loader left out
+        (:attr:`MetaBatch.skipped`). Without any task left, no step is taken.
+
         Arguments
         ---------
         batch : MetaBatch
@@ -275,11 +375,21 @@ class MetaBrain(sb.Brain):
         torch.Tensor
             The mean reported loss over the tasks that were not skipped (NaN
             if all were).
+
+        Raises
+        ------
+        TypeError
+            When the batch is not an episode (the loader has no TaskSampler).
+        RuntimeError
+            When the optimizer step left a parameter non-finite (the run
+            stops before any checkpoint holds it).
         """
+        _check_episode(batch, sb.Stage.TRAIN)
         self.on_fit_batch_start(batch, True)
+        self.note_skipped_utterances(batch.skipped)
         losses, task_buffers = [], []
         for task in batch.tasks:
-            outcome = self.task_step(task)
+            outcome = self._finite_task_step(task)
             if outcome is not None:
                 losses.append(outcome[0])
                 task_buffers.append(outcome[1])
@@ -291,6 +401,7 @@ class MetaBrain(sb.Brain):
             self.optimizers_step()
             with torch.no_grad():
                 self.meta_buffers(task_buffers)
+            self._check_finite_weights(f"after meta-step {self.optimizer_step}")
         else:
             self.zero_grad(set_to_none=True)
         mean_loss = (
@@ -298,6 +409,89 @@ class MetaBrain(sb.Brain):
         )
         self.on_fit_batch_end(batch, None, mean_loss, True)
         return mean_loss
+
+    def _finite_task_step(self, task) -> Optional[Tuple[torch.Tensor, Tensors]]:
+        """:meth:`task_step`, undone and counted if anything it made is not finite.
+
+        The gradients already accumulated by the episode's earlier tasks are
+        set aside while the task runs, so that what it adds can be checked on
+        its own and dropped.
+        """
+        parameters = list(self.meta_parameters().values())
+        earlier = [p.grad for p in parameters]
+        for p in parameters:
+            p.grad = None
+        try:
+            outcome = self.task_step(task)
+            if outcome is not None and not _all_finite(p.grad for p in parameters):
+                raise NonFiniteError("meta-gradient")
+        except NonFiniteError as error:
+            self.skip_task(task.name, str(error))
+            outcome = None
+        for p, before in zip(parameters, earlier):
+            added = p.grad if outcome is not None else None
+            p.grad = (
+                before
+                if added is None
+                else (added if before is None else before + added)
+            )
+        return outcome
+
+    def skip_task(self, task: str, reason: str) -> None:
+        """Count a training task left out because ``reason`` was not finite.
+
+        Arguments
+        ---------
+        task : str
+            The task's name.
+        reason : str
+            The value that was not finite.
+
+        Raises
+        ------
+        ValueError
+            When more tasks were skipped than ``--nonfinite_patience`` allows.
+        """
+        self.nonfinite_count += 1
+        message = (
+            f"Task '{task}' skipped in meta-step {self.optimizer_step + 1}: "
+            f"non-finite {reason} ({self.nonfinite_count} tasks skipped, "
+            f"nonfinite_patience {self.nonfinite_patience})."
+        )
+        if self.nonfinite_count > self.nonfinite_patience:
+            raise ValueError(
+                f"{message} Patience exhausted: check the data (audio, "
+                "transcripts) and lower inner_lr / meta_lr; to debug, wrap fit() "
+                "in torch.autograd.detect_anomaly()."
+            )
+        logger.warning(message)
+
+    def note_skipped_utterances(self, skipped: List[Tuple[str, str]]) -> None:
+        """Count utterances the loader left out, warning once for each.
+
+        Arguments
+        ---------
+        skipped : list of tuple
+            ``(utterance id, reason)`` pairs (:attr:`MetaBatch.skipped`).
+        """
+        for utt_id, reason in skipped:
+            if utt_id in self.skipped_utterances:
+                continue
+            self.skipped_utterances[utt_id] = reason
+            logger.warning(
+                f"Utterance '{utt_id}' skipped: its audio is {reason} "
+                f"({len(self.skipped_utterances)} utterances skipped so far)."
+            )
+
+    def _check_finite_weights(self, when: str) -> None:
+        """Stop the run if a parameter or buffer is not finite."""
+        bad = nonfinite_tensors(self.modules)
+        if bad:
+            names = ", ".join(f"{n} ({v})" for n, v in list(bad.items())[:5])
+            raise RuntimeError(
+                f"{len(bad)} parameters or buffers are not finite {when}: {names}. "
+                "No checkpoint holds them; lower meta_lr or max_grad_norm."
+            )
 
     def _all_reduce_gradients(self, tasks_done: int) -> int:
         """Sum gradients and task counts over the ranks of a DDP run."""
@@ -333,6 +527,8 @@ class MetaBrain(sb.Brain):
 
         The query batch goes through the recipe's methods with ``stage``
         (so its metrics, decoding and beam search see the adapted weights).
+        A task whose adaptation or query loss is not finite is left out with
+        a warning and counted in ``skipped_eval_tasks`` (over the run).
 
         Arguments
         ---------
@@ -345,42 +541,118 @@ class MetaBrain(sb.Brain):
         -------
         torch.Tensor
             The mean query loss after adaptation.
+
+        Raises
+        ------
+        TypeError
+            When the batch is not an episode (the loader has no TaskSampler).
         """
+        _check_episode(batch, stage)
+        self.note_skipped_utterances(batch.skipped)
         losses = []
         for task in batch.tasks:
-            adapted = self.adapt(task.support)
-            if adapted is None:
+            try:
+                adapted = self.adapt(task.support, seed=self.adaptation_seed(task))
+                parameters = {n: w.detach() for n, w in adapted.parameters.items()}
+                with torch.no_grad():
+                    loss = self.task_loss(
+                        parameters, adapted.buffers, task.query, stage
+                    )
+                if not torch.isfinite(loss):
+                    raise NonFiniteError("query loss after adaptation")
+            except NonFiniteError as error:
+                self.skipped_eval_tasks += 1
+                logger.warning(
+                    f"{stage.name} task '{task.name}' not scored: non-finite "
+                    f"{error} ({self.skipped_eval_tasks} evaluation tasks not "
+                    "scored so far)."
+                )
                 continue
-            parameters = {n: w.detach() for n, w in adapted.parameters.items()}
-            with torch.no_grad():
-                loss = self.task_loss(parameters, adapted.buffers, task.query, stage)
             losses.append(loss.detach().cpu())
         return torch.stack(losses).mean() if losses else torch.tensor(float("nan"))
 
-    def adapt(self, batch) -> Optional[AdaptedWeights]:
+    def on_evaluate_start(self, max_key=None, min_key=None):
+        """Set aside incomplete checkpoints, then load the best one."""
+        self._set_aside_incomplete_checkpoints()
+        super().on_evaluate_start(max_key=max_key, min_key=min_key)
+        self._check_finite_weights("in the checkpoint loaded for evaluation")
+
+    def adaptation_seed(self, task) -> int:
+        """The seed of a task's test-time adaptation.
+
+        Made from the YAML ``seed`` and the task's name and support ids, so
+        that the same task always adapts with the same dropout masks and
+        augmentations, whatever was evaluated before it.
+
+        Arguments
+        ---------
+        task : speechbrain_meta.sampler.Task
+            The task to adapt to.
+
+        Returns
+        -------
+        int
+            A seed for ``torch.manual_seed``.
+        """
+        ids = list(getattr(task.support, "id", None) or [])
+        key = repr((int(self._hparam("seed", 0)), task.name, ids))
+        return int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "little")
+
+    def adapt(self, batch, seed: Optional[int] = None) -> AdaptedWeights:
         """Adapt to one support batch as in validation and test.
 
         Runs ``adapt_steps`` first-order steps of ``adapt_lr`` with the
         modules in training mode (as in meta-training), whatever the
-        surrounding mode and gradient setting, and restores both.
+        surrounding mode and gradient setting, and restores both. With a
+        ``seed``, the random numbers (dropout, augmentation) come from a
+        generator seeded with it, and the global random state is left as it
+        was.
 
         Arguments
         ---------
         batch : PaddedBatch
             The support batch.
+        seed : int, optional
+            Seed of the adaptation's random numbers.
 
         Returns
         -------
-        AdaptedWeights or None
+        AdaptedWeights
+            As :meth:`inner_loop`.
+
+        Raises
+        ------
+        NonFiniteError
             As :meth:`inner_loop`.
         """
         was_training = self.modules.training
         self.modules.train()
+        devices = [self.device] if str(self.device).startswith("cuda") else []
         try:
-            with torch.enable_grad():
-                return self.inner_loop(batch, self.adapt_steps, self.adapt_lr)
+            with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                with torch.enable_grad():
+                    return self.inner_loop(batch, self.adapt_steps, self.adapt_lr)
         finally:
             self.modules.train(was_training)
+
+    # ------------------------------------------------------------ checkpoints
+    def on_fit_start(self):
+        """Set aside incomplete checkpoints, then resume as SpeechBrain does.
+
+        Raises
+        ------
+        RuntimeError
+            When the checkpoint resumed from holds non-finite weights.
+        """
+        self._set_aside_incomplete_checkpoints()
+        super().on_fit_start()
+        self._check_finite_weights("in the checkpoint resumed from")
+
+    def _set_aside_incomplete_checkpoints(self) -> None:
+        if self.checkpointer is not None:
+            run_on_main(set_aside_incomplete_checkpoints, args=[self.checkpointer])
 
     # ---------------------------------------------------------------- data
     def make_dataloader(
@@ -391,12 +663,17 @@ class MetaBrain(sb.Brain):
         A :class:`~speechbrain.dataio.dataset.DynamicItemDataset` passed with
         ``batch_sampler=TaskSampler(...)`` is wrapped in an
         :class:`~speechbrain_meta.sampler.EpisodicDataset` and collated into
-        :class:`~speechbrain_meta.sampler.MetaBatch` es.
+        :class:`~speechbrain_meta.sampler.MetaBatch` es. Every loader gets its
+        own seeded ``generator`` unless one is given.
         """
         sampler = loader_kwargs.get("batch_sampler")
         if isinstance(sampler, TaskSampler) and isinstance(dataset, DynamicItemDataset):
             dataset = EpisodicDataset(dataset, task_key=sampler.task_key)
             loader_kwargs.setdefault("collate_fn", collate_episode)
+        # Its own generator: iterating the loader then leaves the global random
+        # state (dropout, augmentation) alone, so a resumed run draws the same.
+        generator = torch.Generator().manual_seed(int(self._hparam("seed", 0)))
+        loader_kwargs.setdefault("generator", generator)
         return super().make_dataloader(
             dataset, stage, ckpt_prefix=ckpt_prefix, **loader_kwargs
         )
@@ -408,3 +685,23 @@ class MetaBrain(sb.Brain):
         if sampler is not None and not self.distributed_launch:
             self.train_sampler = sampler
         return loader_kwargs
+
+
+_LOADER_KWARGS = {
+    sb.Stage.TRAIN: "train_loader_kwargs",
+    sb.Stage.VALID: "valid_loader_kwargs",
+    sb.Stage.TEST: "test_loader_kwargs",
+}
+
+
+def _check_episode(batch, stage: sb.Stage) -> None:
+    """Refuse a batch that is not an episode, saying how to get episodes."""
+    if isinstance(batch, MetaBatch):
+        return
+    raise TypeError(
+        f"Meta-learning Brains take episodes (MetaBatch) in every stage, but the "
+        f"{stage.name} loader gave a {type(batch).__name__}: pass "
+        f"{_LOADER_KWARGS[stage]}={{'batch_sampler': TaskSampler(dataset, ...)}} "
+        "(for validation and test: tasks_per_batch=1, task_weighting="
+        "'round_robin', reseed_each_epoch=False)."
+    )

@@ -57,15 +57,19 @@ import itertools
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.dataio.dataset import DynamicItemDataset
 
+from speechbrain_meta.audio import audio_problem
+
 __all__ = [
     "EpisodicDataset",
     "MetaBatch",
+    "SkippedUtterance",
     "Task",
     "TaskSampler",
     "collate_episode",
@@ -136,9 +140,13 @@ class MetaBatch:
     ---------
     tasks : list of Task
         The distinct tasks of the episode.
+    skipped : list of tuple
+        ``(utterance id, reason)`` of the utterances drawn for the episode
+        but left out because their audio is not usable.
     """
 
     tasks: list[Task]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def to(self, device: torch.device | str, **kwargs) -> MetaBatch:
         """Move every task in place.
@@ -415,8 +423,10 @@ class TaskSampler(torch.utils.data.Sampler):
                 self._durations.append(task_durations)
         if too_small and not drop_small_tasks:
             raise ValueError(
-                "Tasks too small to draw disjoint support and query sets "
-                "(pass drop_small_tasks=True to drop them): " + "; ".join(too_small)
+                "Tasks too small to draw disjoint support and query sets (pass "
+                "drop_small_tasks=True to drop them: in the recipes' YAML "
+                "drop_small_tasks: True, or --drop_small_tasks True; or lower "
+                "the support and query sizes): " + "; ".join(too_small)
             )
         for message in too_small:
             logger.warning("Dropping small task: %s", message)
@@ -569,8 +579,20 @@ class TaskSampler(torch.utils.data.Sampler):
         return [indices[p] for p in support], [indices[p] for p in query]
 
 
+class SkippedUtterance(NamedTuple):
+    """An utterance :class:`EpisodicDataset` will not let into an episode."""
+
+    utt_id: str
+    reason: str
+
+
 class EpisodicDataset(torch.utils.data.Dataset):
     """Wraps a DynamicItemDataset so a DataLoader can fetch (slot, index) keys.
+
+    An item whose signal (``signal_key``) is empty, not finite or silent
+    (:func:`speechbrain_meta.audio.audio_problem`) is returned as a
+    :class:`SkippedUtterance`, which :func:`collate_episode` leaves out of the
+    episode and records in :attr:`MetaBatch.skipped`.
 
     Arguments
     ---------
@@ -578,6 +600,8 @@ class EpisodicDataset(torch.utils.data.Dataset):
         The dataset the :class:`TaskSampler` was built on.
     task_key : str
         The static data key whose values are the tasks.
+    signal_key : str
+        The output key holding the audio signal, if any.
 
     Example
     -------
@@ -589,14 +613,27 @@ class EpisodicDataset(torch.utils.data.Dataset):
     >>> dataset = DynamicItemDataset(data, output_keys=["id", "text"])
     >>> EpisodicDataset(dataset)[(3, 1)]
     (3, 'fr', {'id': 'b', 'text': 'salut'})
+    >>> silent = DynamicItemDataset(
+    ...     {"c": {"lang": "de", "sig": torch.zeros(4)}}, output_keys=["id", "sig"]
+    ... )
+    >>> EpisodicDataset(silent)[(0, 0)]
+    (0, 'de', SkippedUtterance(utt_id='c', reason='silent (all samples are zero)'))
     """
 
-    def __init__(self, dataset: DynamicItemDataset, task_key: str = "lang"):
+    def __init__(
+        self,
+        dataset: DynamicItemDataset,
+        task_key: str = "lang",
+        signal_key: str = "sig",
+    ):
         self.dataset = dataset
         self.task_key = task_key
+        self.signal_key = signal_key
         self._names = _task_names(dataset, task_key)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[int, str, dict]:
+    def __getitem__(
+        self, key: tuple[int, int]
+    ) -> tuple[int, str, dict | SkippedUtterance]:
         """Return ``(slot, task name, the dataset item dict)`` for a key.
 
         Arguments
@@ -607,7 +644,8 @@ class EpisodicDataset(torch.utils.data.Dataset):
         Returns
         -------
         tuple
-            The slot, the task name and ``dataset[dataset_index]``.
+            The slot, the task name and ``dataset[dataset_index]``, or a
+            :class:`SkippedUtterance` in its place if its signal is not usable.
         """
         if not (isinstance(key, tuple) and len(key) == 2):
             raise TypeError(
@@ -617,17 +655,27 @@ class EpisodicDataset(torch.utils.data.Dataset):
                 "episodes_per_epoch >= 2 * world_size."
             )
         slot, index = key
-        return slot, self._names[index], self.dataset[index]
+        item = self.dataset[index]
+        signal = item.get(self.signal_key)
+        if isinstance(signal, torch.Tensor):
+            problem = audio_problem(signal)
+            if problem is not None:
+                utt_id = item.get("id", self.dataset.data_ids[index])
+                item = SkippedUtterance(str(utt_id), problem)
+        return slot, self._names[index], item
 
     def __len__(self) -> int:
         """Return the number of utterances."""
         return len(self.dataset)
 
 
-def collate_episode(items: list[tuple[int, str, dict]]) -> MetaBatch:
+def collate_episode(items: list[tuple[int, str, dict | SkippedUtterance]]) -> MetaBatch:
     """Group items by slot into one Task per task position.
 
     Support and query are each a ``PaddedBatch`` of the items in sampler order.
+    :class:`SkippedUtterance` items are left out and listed in
+    :attr:`MetaBatch.skipped`; a task left without support or query items is
+    left out of the episode.
 
     Arguments
     ---------
@@ -646,18 +694,25 @@ def collate_episode(items: list[tuple[int, str, dict]]) -> MetaBatch:
     ...     (0, "de", {"sig": torch.ones(3)}),
     ...     (1, "de", {"sig": torch.ones(2)}),
     ...     (0, "de", {"sig": torch.ones(1)}),
+    ...     (2, "fr", {"sig": torch.ones(1)}),
+    ...     (3, "fr", SkippedUtterance("fr_1", "non-finite samples")),
     ... ]
     >>> batch = collate_episode(items)
-    >>> len(batch), batch.tasks[0].name
-    (1, 'de')
+    >>> len(batch), batch.tasks[0].name, batch.skipped
+    (1, 'de', [('fr_1', 'non-finite samples')])
     >>> task = batch.tasks[0]
     >>> task.support.sig.data.shape, task.query.sig.data.shape
     (torch.Size([2, 3]), torch.Size([1, 2]))
     """
     groups: dict[int, list[dict]] = {}
     names: dict[int, str] = {}
+    skipped: list[tuple[str, str]] = []
     for slot, name, item in items:
-        groups.setdefault(slot, []).append(item)
+        if isinstance(item, SkippedUtterance):
+            groups.setdefault(slot, [])
+            skipped.append(tuple(item))
+        else:
+            groups.setdefault(slot, []).append(item)
         if names.setdefault(slot // 2, name) != name:
             raise ValueError(
                 f"Task position {slot // 2} mixes tasks {names[slot // 2]!r} "
@@ -669,13 +724,13 @@ def collate_episode(items: list[tuple[int, str, dict]]) -> MetaBatch:
             "An episode needs support and query slots 0 .. 2 * n_tasks - 1, "
             f"got slots {sorted(groups)}."
         )
-    return MetaBatch(
-        [
-            Task(
-                name=names[position],
-                support=PaddedBatch(groups[2 * position]),
-                query=PaddedBatch(groups[2 * position + 1]),
-            )
-            for position in range(n_tasks)
-        ]
-    )
+    tasks = [
+        Task(
+            name=names[position],
+            support=PaddedBatch(groups[2 * position]),
+            query=PaddedBatch(groups[2 * position + 1]),
+        )
+        for position in range(n_tasks)
+        if groups[2 * position] and groups[2 * position + 1]
+    ]
+    return MetaBatch(tasks, skipped)
