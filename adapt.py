@@ -11,7 +11,12 @@ and output layer (see README.md, "Low-resource adaptation").
 
 Outputs in ``output_folder``: ``curve.csv`` (``init, target, budget, step,
 cer, wer``), ``wer.txt`` / ``cer.txt`` of the last curve point,
-``train_log.txt`` and ``save/label_encoder.txt`` (the extended encoder).
+``train_log.txt``, and in ``save/`` the adapted model after the last step
+(``CKPT+adapted/model.ckpt``, its meta holding the last point's CER and WER)
+with its extended character encoder (``label_encoder.txt``): the folder is an
+initialisation that ``train.py --init_from`` and ``adapt.py
+--init_checkpoint`` read. Utterances whose audio is silent or not finite are
+left out (and counted) before adaptation and testing.
 
 Example
 -------
@@ -36,9 +41,17 @@ from speechbrain_meta.adaptation import (
     budget_subset,
     extend_vocabulary,
     load_init_parameters,
+    without_unusable_audio,
 )
 from speechbrain_meta.protocol import budget_label, write_results
-from train import ASR, add_pipelines, load_experiment, read_manifests, special_labels
+from train import (
+    ASR,
+    add_pipelines,
+    experiment,
+    read_manifests,
+    run_script,
+    special_labels,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +165,8 @@ def adapt(hparams: dict, run_opts: dict) -> list:
         f"{len(subset)} utterances, {minutes:.2f} minutes"
     )
     test = datasets["test"].filtered_sorted(sort_key="duration")
-    add_pipelines([subset, test], encoder)
+    add_pipelines([subset, test], encoder, hparams)
+    subset, test = without_unusable_audio(subset), without_unusable_audio(test)
 
     brain = type("AdaptBrain", (ASR, sb.Brain), {})(
         modules=hparams["modules"],
@@ -182,6 +196,13 @@ def adapt(hparams: dict, run_opts: dict) -> list:
     }
     rows = [{**names, **point} for point in curve]
     write_results(rows, os.path.join(hparams["output_folder"], "curve.csv"))
+    last = curve[-1]
+    sb.utils.checkpoints.Checkpointer(
+        hparams["save_folder"], {"model": hparams["model"]}
+    ).save_checkpoint(
+        meta={"CER": last["cer"], "WER": last["wer"], "step": last["step"]},
+        name="adapted",
+    )
     return rows
 
 
@@ -198,9 +219,9 @@ def main(argv: list) -> list:
     list of dict
         The curve points (see :func:`adapt`).
     """
-    hparams, run_opts = load_experiment(argv)
-    return adapt(hparams, run_opts)
+    with experiment(argv) as (hparams, run_opts):
+        return adapt(hparams, run_opts)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main, sys.argv[1:])

@@ -21,7 +21,8 @@ A stage whose folder records that it finished with the same command line,
 YAML file content and input checkpoints is skipped, so a rerun reuses the
 finished stages (an interrupted training resumes from its checkpoint); change
 an option, the YAML or a checkpoint it starts from and that stage runs again
-from scratch.
+from scratch, in a fresh folder: the finished one is moved aside to
+``<folder>.replaced-<time>``, never deleted.
 
 Example
 -------
@@ -37,7 +38,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from typing import Optional
@@ -101,8 +101,9 @@ def run_stage(name: str, folder: str, script, argv: list, inputs=()) -> None:
 
     Done means: finished before with the same command line, the same content
     of its YAML file (``argv[0]``) and of its input files. A stage that
-    finished with other settings is stale: its folder is removed and it runs
-    afresh; one that did not finish resumes from its checkpoints.
+    finished with other settings is stale: its folder is moved aside to
+    ``<folder>.replaced-<time>`` (never deleted) and it runs afresh; one that
+    did not finish resumes from its checkpoints.
 
     Arguments
     ---------
@@ -127,8 +128,12 @@ def run_stage(name: str, folder: str, script, argv: list, inputs=()) -> None:
         logger.info(f"{name}: done before, reusing {folder}")
         return
     if os.path.isfile(os.path.join(folder, STAGE_RECORD)):
-        logger.info(f"{name}: its settings or inputs changed, starting afresh")
-        shutil.rmtree(folder)
+        aside = f"{folder}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        logger.info(
+            f"{name}: its settings or inputs changed, starting afresh; the "
+            f"finished run is moved to {aside}"
+        )
+        os.rename(folder, aside)
     logger.info(f"{name}: python {script.__name__}.py {' '.join(argv)}")
     start = time.time()
     script.main(argv)
@@ -214,7 +219,25 @@ def main(argv: list) -> dict:
     dict
         ``csv``, ``report`` and ``plots`` paths.
     """
-    hparams, run_opts = train.load_experiment(argv)
+    with train.experiment(argv) as (hparams, run_opts):
+        return run_protocol(hparams, run_opts)
+
+
+def run_protocol(hparams: dict, run_opts) -> dict:
+    """Run the stages of a loaded protocol YAML; return its outputs' paths.
+
+    Arguments
+    ---------
+    hparams : dict
+        The loaded protocol YAML.
+    run_opts : dict
+        SpeechBrain run options, passed on to every stage.
+
+    Returns
+    -------
+    dict
+        ``csv``, ``report`` and ``plots`` paths.
+    """
     out = hparams["output_folder"]
     passed_on = run_option_args(run_opts)
     if hparams.get("num_threads"):
@@ -293,4 +316,4 @@ def main(argv: list) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    train.run_script(main, sys.argv[1:])

@@ -20,13 +20,25 @@ import logging
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 
 import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
+from speechbrain_meta import MetaBrain
 from speechbrain_meta.adaptation import load_init_parameters
+from speechbrain_meta.audio import read_audio
+from speechbrain_meta.errors import SetupError
+from speechbrain_meta.label_encoder import (
+    check_encoder_sources,
+    missing_labels,
+    read_encoder_record,
+    write_encoder_record,
+)
+from speechbrain_meta.manifest_check import check_manifests, load_manifest_data
+from speechbrain_meta.run_lock import output_folder_lock
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +156,12 @@ class ASR:
         if stage == sb.Stage.TRAIN:
             self.train_stats = stats
             return
+        if not self.cer_metric.scores:
+            skipped = getattr(self, "skipped_eval_tasks", 0)
+            raise RuntimeError(
+                f"No {stage.name} utterance could be scored ({skipped} tasks were "
+                "not scored: non-finite losses, see the warnings above)."
+            )
         stats["CER"] = self.cer_metric.summarize("error_rate")
         stats["WER"] = self.wer_metric.summarize("error_rate")
         if stage == sb.Stage.VALID:
@@ -169,46 +187,92 @@ class ASR:
 
 
 def read_tasks(hparams: dict, dataset) -> tuple:
-    """The source and target tasks, from the YAML or the corpus record."""
+    """The source and target tasks, from the YAML or the corpus record.
+
+    Raises
+    ------
+    speechbrain_meta.errors.SetupError
+        If a source or target task is not in ``train_csv``, or a task is
+        both.
+    """
+    key = hparams["task_key"]
+    present = {str(dataset.data[i][key]) for i in dataset.data_ids}
     targets = hparams["target_tasks"]
     record = os.path.join(hparams["data_folder"], "corpus.json")
     if targets is None and os.path.exists(record):
         with open(record, encoding="utf-8") as f:
             targets = json.load(f)["targets"]
-    targets = list(targets or [])
+    elif targets is None:
+        logger.warning(
+            f"No held-out target tasks: target_tasks is null and {record} does "
+            "not exist, so every task of train_csv may be a source. Set "
+            "--target_tasks to hold languages out."
+        )
+    targets = [str(t) for t in targets or []]
     sources = hparams["source_tasks"]
     if sources is None:
-        key = hparams["task_key"]
-        present = {dataset.data[i][key] for i in dataset.data_ids}
         sources = sorted(present - set(targets))
+    sources = [str(t) for t in sources]
+    unknown = sorted(set(sources) - present)
+    if unknown:
+        raise SetupError(
+            f"source_tasks {unknown} are not '{key}' values of "
+            f"{hparams['train_csv']} (it has {sorted(present)}): fix --source_tasks."
+        )
     overlap = set(sources) & set(targets)
     if overlap:
-        raise ValueError(f"Tasks {sorted(overlap)} are both source and target.")
-    return list(sources), targets
+        raise SetupError(
+            f"Tasks {sorted(overlap)} are both source and target: remove them "
+            "from --source_tasks or --target_tasks."
+        )
+    return sources, targets
 
 
 def read_manifests(hparams: dict) -> dict:
-    """The train, valid and test manifests of the YAML, every task included."""
-    replacements = {"data_root": hparams["data_folder"]}
-    return {
-        split: sb.dataio.dataset.DynamicItemDataset.from_csv(
-            hparams[f"{split}_csv"], replacements=replacements
-        )
+    """The train, valid and test manifests of the YAML, every task included.
+
+    The manifests are checked first (:func:`check_manifests`: columns,
+    durations, transcripts, audio headers); with ``skip_bad_rows: True`` the
+    rows with problems are left out and counted, otherwise every problem is
+    reported at once.
+    """
+    splits = {
+        split: hparams[f"{split}_csv"]
         for split in ("train", "valid", "test")
+        if hparams.get(f"{split}_csv")
+    }
+    replacements = {"data_root": hparams["data_folder"]}
+    bad = check_manifests(
+        splits,
+        skip_bad_rows=hparams.get("skip_bad_rows", False),
+        task_key=hparams["task_key"],
+        replacements=replacements,
+        sample_rate=hparams["sample_rate"],
+        convert_audio=hparams.get("convert_audio", True),
+    )
+    return {
+        split: sb.dataio.dataset.DynamicItemDataset(
+            load_manifest_data(path, replacements=replacements, skip_ids=bad[split])
+        )
+        for split, path in splits.items()
     }
 
 
-def add_pipelines(datasets: list, encoder) -> None:
+def add_pipelines(datasets: list, encoder, hparams: dict) -> None:
     """Audio and character pipelines of the recipe, encoded with ``encoder``.
 
-    The encoder is read when items are fetched, so it may still be filled in
-    (``load_or_create``) or extended after this call.
+    Audio is read at ``sample_rate``, resampled and down-mixed when needed
+    (unless ``convert_audio: False``). The encoder is read when items are
+    fetched, so it may still be filled in (``load_or_create``) or extended
+    after this call.
     """
+    sample_rate = hparams["sample_rate"]
+    convert = hparams.get("convert_audio", True)
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline(wav):
-        return sb.dataio.dataio.read_audio(wav)
+        return read_audio(wav, sample_rate, convert)
 
     @sb.utils.data_pipeline.takes("wrd")
     @sb.utils.data_pipeline.provides(
@@ -240,29 +304,62 @@ def special_labels(hparams: dict) -> dict:
     }
 
 
+def has_checkpoints(save_folder: str) -> bool:
+    """Whether a run's save folder holds any ``CKPT+`` checkpoint."""
+    return os.path.isdir(save_folder) and any(
+        name.startswith("CKPT") for name in os.listdir(save_folder)
+    )
+
+
 def dataio_prepare(hparams: dict) -> tuple:
-    """Datasets of the source tasks and the shared character encoder."""
+    """Datasets of the source tasks and the shared character encoder.
+
+    The encoder file is reused only when it was built from the same sources
+    (or copied by a warm start); see :mod:`speechbrain_meta.label_encoder`.
+    """
     datasets = read_manifests(hparams)
     sources, targets = read_tasks(hparams, datasets["train"])
     logger.info(f"Source tasks: {sources}; held-out targets: {targets}")
     key = hparams["task_key"]
     for split, data in datasets.items():
         datasets[split] = data.filtered_sorted(
-            key_test={key: lambda task: task in sources},
+            key_test={key: lambda task: str(task) in sources},
             key_max_value={"duration": hparams["max_duration"]},
         )
 
+    encoder_file = hparams["label_encoder_file"]
+    built_from = {
+        "train_csv": os.path.abspath(hparams["train_csv"]),
+        "task_key": key,
+        "source_tasks": sources,
+        "max_duration": hparams["max_duration"],
+    }
+    run_on_main(
+        check_encoder_sources,
+        args=[encoder_file, built_from, has_checkpoints(hparams["save_folder"])],
+    )
     encoder = sb.dataio.encoder.CTCTextEncoder()
-    add_pipelines(list(datasets.values()), encoder)
+    add_pipelines(list(datasets.values()), encoder, hparams)
     encoder.load_or_create(
-        path=hparams["label_encoder_file"],
+        path=encoder_file,
         from_didatasets=[datasets["train"]],
         output_key="char_list",
         special_labels=special_labels(hparams),
         sequence_input=True,
     )
+    if read_encoder_record(encoder_file) is None:
+        run_on_main(write_encoder_record, args=[encoder_file, built_from])
+    train = datasets["train"]
+    missing = missing_labels(encoder, (train.data[i]["wrd"] for i in train.data_ids))
+    if missing:
+        raise SetupError(
+            f"The label encoder {encoder_file} has no label for {missing} of the "
+            f"source tasks (they would be trained as <unk>): warm-start from an "
+            "initialisation trained on these letters, or pass another "
+            "--output_folder."
+        )
     if len(encoder) > hparams["output_neurons"]:
-        raise ValueError(
+        raise SetupError(
             f"The source tasks have {len(encoder)} tokens but the model has "
             f"output_neurons: {hparams['output_neurons']}; raise it in the YAML."
         )
@@ -291,39 +388,103 @@ def warm_start(hparams: dict) -> None:
     )
     logger.info(f"Warm start from {init.paramfile}")
     own_encoder = hparams["label_encoder_file"]
-    if os.path.isfile(init.label_encoder_file) and not os.path.isfile(own_encoder):
+    # A run without a checkpoint of its own starts from the initialisation,
+    # so the initialisation's encoder is the one to use.
+    if os.path.isfile(init.label_encoder_file) and not has_checkpoints(
+        hparams["save_folder"]
+    ):
         os.makedirs(os.path.dirname(own_encoder), exist_ok=True)
         run_on_main(shutil.copyfile, args=[init.label_encoder_file, own_encoder])
+        run_on_main(
+            write_encoder_record,
+            args=[own_encoder],
+            kwargs={"copied_from": os.path.abspath(init.label_encoder_file)},
+        )
 
 
-def load_experiment(argv: list) -> tuple:
-    """A recipe's command line: its YAML loaded, its output folder created.
+@contextmanager
+def experiment(argv: list):
+    """A recipe's command line: its YAML loaded, its output folder locked.
+
+    The output folder is created and locked
+    (:func:`speechbrain_meta.run_lock.output_folder_lock`: a second run into
+    it stops at once) before SpeechBrain writes its experiment files there.
 
     Arguments
     ---------
     argv : list of str
         The YAML file, then SpeechBrain run options and YAML overrides.
 
-    Returns
-    -------
+    Yields
+    ------
     tuple
-        The loaded hparams (dict) and the run options.
+        The loaded hparams (dict) and the run options, while the lock is held.
     """
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     sb.utils.distributed.ddp_init_group(run_opts)
     with open(hparams_file, encoding="utf-8") as fin:
         hparams = load_hyperpyyaml(fin, overrides)
-    sb.create_experiment_directory(
-        experiment_directory=hparams["output_folder"],
-        hyperparams_to_save=hparams_file,
-        overrides=overrides,
-    )
-    return hparams, run_opts
+    with output_folder_lock(hparams["output_folder"]):
+        sb.create_experiment_directory(
+            experiment_directory=hparams["output_folder"],
+            hyperparams_to_save=hparams_file,
+            overrides=overrides,
+        )
+        yield hparams, run_opts
+
+
+def run_script(main, argv: list):
+    """Run a script's ``main``; a SetupError ends it with its message only.
+
+    Arguments
+    ---------
+    main : callable
+        The script's ``main(argv)``.
+    argv : list of str
+        Its command line.
+
+    Returns
+    -------
+    object
+        What ``main`` returned.
+    """
+    try:
+        return main(argv)
+    except SetupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv: list) -> None:
     """Prepare data, meta-train, then meta-test on held-out speakers."""
-    hparams, run_opts = load_experiment(argv)
+    with experiment(argv) as (hparams, run_opts):
+        meta_train(hparams, run_opts)
+
+
+def meta_train(hparams: dict, run_opts: dict) -> None:
+    """The run of a loaded YAML: data, meta-training, meta-test.
+
+    Raises
+    ------
+    speechbrain_meta.errors.SetupError
+        If ``brain_class`` is not a meta-learning Brain, or the data or
+        configuration are not usable.
+    """
+    brain_class = hparams["brain_class"]
+    if not (isinstance(brain_class, type) and issubclass(brain_class, MetaBrain)):
+        raise SetupError(
+            f"brain_class must be a meta-learning Brain (speechbrain_meta.MAML, "
+            f"FOMAML, Reptile or MultiTask), got {brain_class!r}: write it as "
+            "brain_class: !name:speechbrain_meta.MAML."
+        )
+    # Built first: its settings are checked before any data is touched.
+    asr_brain = type("ASRBrain", (ASR, brain_class), {})(
+        modules=hparams["modules"],
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"],
+    )
     if not hparams["skip_prep"]:
         from recipes.embedded_corpus.prepare import prepare_embedded_corpus
 
@@ -336,17 +497,7 @@ def main(argv: list) -> None:
             },
         )
     warm_start(hparams)
-    datasets, encoder = dataio_prepare(hparams)
-
-    brain_class = type("ASRBrain", (ASR, hparams["brain_class"]), {})
-    asr_brain = brain_class(
-        modules=hparams["modules"],
-        opt_class=hparams["opt_class"],
-        hparams=hparams,
-        run_opts=run_opts,
-        checkpointer=hparams["checkpointer"],
-    )
-    asr_brain.tokenizer = encoder
+    datasets, asr_brain.tokenizer = dataio_prepare(hparams)
     asr_brain.fit(
         asr_brain.hparams.epoch_counter,
         datasets["train"],
@@ -370,4 +521,4 @@ def main(argv: list) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main, sys.argv[1:])

@@ -15,6 +15,8 @@ what is not recipe-specific:
 * :func:`find_init_checkpoint` / :func:`load_init_parameters`: the parameter
   file of an initialisation from a ``train.py`` output folder, a Checkpointer
   folder, one checkpoint or a file, and loading it into a model;
+* :func:`without_unusable_audio`: the utterances whose audio is empty, not
+  finite or silent left out (and counted) before adaptation;
 * :func:`adaptation_curve`: fine-tune for a number of steps and evaluate on
   the test set after each point of a curve (e.g. 0, 10, 25, 50, 100 steps).
 """
@@ -33,6 +35,8 @@ from speechbrain.dataio.sampler import ReproducibleRandomSampler
 from speechbrain.utils.checkpoints import Checkpointer, torch_recovery
 from tqdm import tqdm
 
+from speechbrain_meta.audio import audio_problem
+
 __all__ = [
     "BUDGET_UNITS",
     "InitCheckpoint",
@@ -43,6 +47,7 @@ __all__ = [
     "find_init_checkpoint",
     "load_init_parameters",
     "select_budget",
+    "without_unusable_audio",
 ]
 
 logger = logging.getLogger(__name__)
@@ -427,6 +432,54 @@ def load_init_parameters(
             f"architecture and output_neurons?): {error}"
         ) from error
     return init
+
+
+# ---------------------------------------------------------------- audio
+def without_unusable_audio(dataset, signal_key: str = "sig"):
+    """``dataset`` without the utterances whose audio cannot be trained on.
+
+    Every utterance's signal is loaded once (adaptation sets are minutes of
+    audio) and checked with :func:`speechbrain_meta.audio.audio_problem`;
+    those that are empty, not finite or silent are left out with one warning.
+
+    Arguments
+    ---------
+    dataset : speechbrain.dataio.dataset.DynamicItemDataset
+        Utterances with an ``id`` and a ``signal_key`` item.
+    signal_key : str
+        The dynamic item holding the signal.
+
+    Returns
+    -------
+    speechbrain.dataio.dataset.DynamicItemDataset
+        The usable utterances (``dataset`` itself when all are).
+
+    Example
+    -------
+    >>> from speechbrain.dataio.dataset import DynamicItemDataset
+    >>> data = DynamicItemDataset(
+    ...     {"a": {"sig": torch.ones(4)}, "b": {"sig": torch.zeros(4)}},
+    ...     output_keys=["id", "sig"],
+    ... )
+    >>> [item["id"] for item in without_unusable_audio(data)]
+    ['a']
+    """
+    problems = {}
+    with dataset.output_keys_as(["id", signal_key]):
+        for item in dataset:
+            problem = audio_problem(item[signal_key])
+            if problem is not None:
+                problems[item["id"]] = problem
+    if not problems:
+        return dataset
+    examples = ", ".join(f"{i} ({p})" for i, p in list(problems.items())[:5])
+    logger.warning(
+        f"{len(problems)} of {len(dataset)} utterances left out, their audio "
+        f"cannot be trained on: {examples}"
+    )
+    return FilteredSortedDynamicItemDataset(
+        dataset, [i for i in dataset.data_ids if i not in problems]
+    )
 
 
 # ---------------------------------------------------------------- fine-tuning

@@ -77,9 +77,9 @@ class MAML(MetaBrain):
             return
         if self.default_first_order:
             raise SetupError(
-                f"{type(self).__name__} is first-order MAML, but first_order is "
-                "False: use brain_class: !name:speechbrain_meta.MAML for second "
-                "order, or drop first_order from the YAML."
+                "FOMAML is first-order MAML, but first_order is False: use "
+                "brain_class: !name:speechbrain_meta.MAML for second order, or "
+                "drop first_order from the YAML."
             )
         logger.warning(
             "first_order: True makes MAML first-order MAML (FOMAML): the "

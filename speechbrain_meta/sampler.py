@@ -65,6 +65,7 @@ from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.dataio.dataset import DynamicItemDataset
 
 from speechbrain_meta.audio import audio_problem
+from speechbrain_meta.errors import SetupError
 
 __all__ = [
     "EpisodicDataset",
@@ -203,7 +204,10 @@ def _static_values(dataset: DynamicItemDataset, key: str, role: str) -> list:
 def _task_names(dataset: DynamicItemDataset, task_key: str) -> list[str]:
     """Return the task name (as a string) of every data point of ``dataset``."""
     if len(dataset) == 0:
-        raise ValueError("The dataset is empty: there are no tasks to sample.")
+        raise SetupError(
+            "The dataset is empty: no utterance is left to draw tasks from "
+            "(check the manifest, the source tasks and max_duration)."
+        )
     return [str(value) for value in _static_values(dataset, task_key, "task_key")]
 
 
@@ -350,11 +354,11 @@ class TaskSampler(torch.utils.data.Sampler):
         drop_small_tasks: bool = False,
     ):
         if size_unit not in SIZE_UNITS:
-            raise ValueError(
+            raise SetupError(
                 f"size_unit must be one of {SIZE_UNITS}, got {size_unit!r}"
             )
         if task_weighting not in TASK_WEIGHTINGS:
-            raise ValueError(
+            raise SetupError(
                 f"task_weighting must be one of {TASK_WEIGHTINGS}, "
                 f"got {task_weighting!r}"
             )
@@ -363,14 +367,14 @@ class TaskSampler(torch.utils.data.Sampler):
             ("episodes_per_epoch", episodes_per_epoch),
         ):
             if count != int(count) or count < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {count}")
+                raise SetupError(f"{name} must be an integer >= 1, got {count}")
         if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise SetupError(f"temperature must be > 0, got {temperature}")
         for name, size in (("support_size", support_size), ("query_size", query_size)):
             if not (size > 0 and math.isfinite(size)):
-                raise ValueError(f"{name} must be positive and finite, got {size}")
+                raise SetupError(f"{name} must be positive and finite, got {size}")
             if size_unit == "utterances" and not float(size).is_integer():
-                raise ValueError(
+                raise SetupError(
                     f"{name} must be a whole number of utterances, got {size}"
                 )
         self.task_key = task_key
@@ -422,7 +426,7 @@ class TaskSampler(torch.utils.data.Sampler):
             if durations is not None:
                 self._durations.append(task_durations)
         if too_small and not drop_small_tasks:
-            raise ValueError(
+            raise SetupError(
                 "Tasks too small to draw disjoint support and query sets (pass "
                 "drop_small_tasks=True to drop them: in the recipes' YAML "
                 "drop_small_tasks: True, or --drop_small_tasks True; or lower "
@@ -432,7 +436,7 @@ class TaskSampler(torch.utils.data.Sampler):
             logger.warning("Dropping small task: %s", message)
         if len(self._tasks) < self.tasks_per_batch:
             dropped = " after dropping small tasks" if too_small else ""
-            raise ValueError(
+            raise SetupError(
                 f"tasks_per_batch={self.tasks_per_batch} but only "
                 f"{len(self._tasks)} tasks are available{dropped}: {self._tasks}"
             )
@@ -450,11 +454,11 @@ class TaskSampler(torch.utils.data.Sampler):
         try:
             durations = [float(value) for value in values]
         except (TypeError, ValueError) as error:
-            raise ValueError(
+            raise SetupError(
                 f"The {self.duration_key!r} values must be numbers of seconds: {error}"
             ) from error
         if not all(0 <= duration < math.inf for duration in durations):
-            raise ValueError(
+            raise SetupError(
                 f"The {self.duration_key!r} values must be finite and non-negative."
             )
         return durations

@@ -17,7 +17,7 @@ from speechbrain_meta.adaptation import (
     select_budget,
 )
 from speechbrain_meta.protocol import RESULT_FIELDS, read_results
-from train import dataio_prepare
+from train import dataio_prepare, warm_start
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADAPT_YAML = os.path.join(REPO, "hparams", "adapt_ctc.yaml")
@@ -94,6 +94,37 @@ def test_adaptation_from_checkpoint_lowers_the_target_loss(
     extended = CTCTextEncoder.from_saved(str(out / "save" / "label_encoder.txt"))
     assert extended.lab2ind.items() >= base.lab2ind.items()
     assert "ř" in extended.lab2ind and "ř" not in base.lab2ind
+
+
+def test_the_adapted_model_is_saved_and_warm_starts_a_training(
+    init_run, tiny_corpus, tmp_path
+):
+    """adapt.py saves the weights after its last step; train.py reads them."""
+    out = tmp_path / "adapted"
+    curve = run_adapt(tiny_corpus, out, init_checkpoint=init_run)
+    (paramfile,) = (out / "save").glob("CKPT+adapted/model.ckpt")
+    adapted = torch.load(paramfile)
+    initial = torch.load(find_init_checkpoint(init_run).paramfile)
+    assert any(not torch.equal(adapted[k], initial[k]) for k in initial)
+    meta = (out / "save" / "CKPT+adapted" / "CKPT.yaml").read_text()
+    assert f"CER: {curve[-1]['cer']}" in meta
+
+    warm = tmp_path / "warm"
+    with open(TRAIN_YAML, encoding="utf-8") as stream:
+        hparams = load_hyperpyyaml(
+            stream,
+            {
+                "data_folder": tiny_corpus["data_folder"],
+                "output_folder": str(warm),
+                "init_from": str(out),
+            },
+        )
+    warm_start(hparams)
+    for name, value in hparams["model"].state_dict().items():
+        assert torch.equal(value, adapted[name]), name
+    assert (warm / "save" / "label_encoder.txt").read_text() == (
+        out / "save" / "label_encoder.txt"
+    ).read_text()
 
 
 @pytest.mark.parametrize("rows", [128, None])
@@ -301,6 +332,10 @@ def test_protocol_trains_from_another_init_and_reruns_stale_stages(
     rows = run("[0, 2]")
     assert {r["step"] for r in rows} == {0, 2}
     assert not (adapted / "stale").exists()
+    # The finished stage is moved aside, not deleted.
+    (aside,) = adapted.parent.glob("continued.replaced-*")
+    assert (aside / "stale").read_text() == "from the first run"
+    assert {r["step"] for r in read_results(aside / "curve.csv")} == {0, 1}
 
 
 def test_protocol_rejects_unknown_adapted_inits(init_run, tiny_corpus, tmp_path):
