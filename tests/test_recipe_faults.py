@@ -316,3 +316,13 @@ def test_kill_9_and_rerun_ends_bit_identical_with_augmentation(tiny_corpus, tmp_
     for name, value in expected.items():
         assert torch.equal(resumed[name], value), name
     assert (killed / "cer.txt").read_text() == (reference / "cer.txt").read_text()
+
+
+def test_a_stage_where_no_utterance_was_scored_says_why():
+    import speechbrain as sb
+    from speechbrain.utils.metric_stats import ErrorRateStats
+
+    recipe = train.ASR()
+    recipe.cer_metric, recipe.skipped_eval_tasks = ErrorRateStats(), 3
+    with pytest.raises(RuntimeError, match="3 tasks were not scored"):
+        recipe.on_stage_end(sb.Stage.VALID, float("nan"), epoch=1)
