@@ -401,7 +401,10 @@ class MetaBrain(sb.Brain):
             self.optimizers_step()
             with torch.no_grad():
                 self.meta_buffers(task_buffers)
-            self._check_finite_weights(f"after meta-step {self.optimizer_step}")
+            self._check_finite_weights(
+                f"after meta-step {self.optimizer_step}",
+                "No checkpoint holds them; lower meta_lr or max_grad_norm.",
+            )
         else:
             self.zero_grad(set_to_none=True)
         mean_loss = (
@@ -483,14 +486,14 @@ class MetaBrain(sb.Brain):
                 f"({len(self.skipped_utterances)} utterances skipped so far)."
             )
 
-    def _check_finite_weights(self, when: str) -> None:
+    def _check_finite_weights(self, when: str, advice: str) -> None:
         """Stop the run if a parameter or buffer is not finite."""
         bad = nonfinite_tensors(self.modules)
         if bad:
             names = ", ".join(f"{n} ({v})" for n, v in list(bad.items())[:5])
             raise RuntimeError(
                 f"{len(bad)} parameters or buffers are not finite {when}: {names}. "
-                "No checkpoint holds them; lower meta_lr or max_grad_norm."
+                + advice
             )
 
     def _all_reduce_gradients(self, tasks_done: int) -> int:
@@ -575,7 +578,9 @@ class MetaBrain(sb.Brain):
         """Set aside incomplete checkpoints, then load the best one."""
         self._set_aside_incomplete_checkpoints()
         super().on_evaluate_start(max_key=max_key, min_key=min_key)
-        self._check_finite_weights("in the checkpoint loaded for evaluation")
+        self._check_finite_weights(
+            "in the checkpoint loaded for evaluation", _MOVE_CHECKPOINT
+        )
 
     def adaptation_seed(self, task) -> int:
         """The seed of a task's test-time adaptation.
@@ -648,7 +653,7 @@ class MetaBrain(sb.Brain):
         """
         self._set_aside_incomplete_checkpoints()
         super().on_fit_start()
-        self._check_finite_weights("in the checkpoint resumed from")
+        self._check_finite_weights("in the checkpoint resumed from", _MOVE_CHECKPOINT)
 
     def _set_aside_incomplete_checkpoints(self) -> None:
         if self.checkpointer is not None:
@@ -686,6 +691,11 @@ class MetaBrain(sb.Brain):
             self.train_sampler = sampler
         return loader_kwargs
 
+
+_MOVE_CHECKPOINT = (
+    "Move that checkpoint (named in the log) out of the save folder to resume "
+    "from an earlier one, or pass another --output_folder."
+)
 
 _LOADER_KWARGS = {
     sb.Stage.TRAIN: "train_loader_kwargs",
