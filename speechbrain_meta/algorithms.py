@@ -166,6 +166,8 @@ class Reptile(MetaBrain):
         )
         with torch.no_grad():
             for name, p in theta.items():
+                if adapted.parameters[name] is start[name]:
+                    continue  # no inner gradient reached it: no pseudo-gradient
                 step = p - adapted.parameters[name]
                 p.grad = step if p.grad is None else p.grad + step
         return adapted.loss, adapted.buffers

@@ -37,7 +37,8 @@ recovery.
 import hashlib
 import logging
 import math
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from functools import partial
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import speechbrain as sb
 import torch
@@ -92,6 +93,47 @@ class AdaptedWeights(NamedTuple):
     parameters: Tensors
     buffers: Tensors
     loss: torch.Tensor
+
+
+_BUCKET_BYTES = 25 * 2**20
+# Stands for "no value on this rank" in the maximum of the integer buffers.
+_NO_VALUE = torch.iinfo(torch.long).min
+
+
+def _flat_collective(
+    tensors: List[torch.Tensor], collective: Callable[[torch.Tensor], object]
+) -> None:
+    """Apply an in-place collective to ``tensors`` through a few flat buffers.
+
+    The tensors are grouped by dtype and device, in order, and each group is
+    cut into buckets of about 25 MiB (a larger tensor makes a bucket of its
+    own); each bucket is flattened into one tensor, ``collective`` runs on it
+    and the results are copied back. Every rank must pass tensors of the same
+    shapes and dtypes in the same order.
+
+    Arguments
+    ---------
+    tensors : list of torch.Tensor
+        The tensors to update in place.
+    collective : callable
+        An in-place collective on one tensor, e.g. ``dist.all_reduce``.
+    """
+    groups: Dict[Tuple[torch.dtype, torch.device], List[List[torch.Tensor]]] = {}
+    sizes: Dict[Tuple[torch.dtype, torch.device], int] = {}
+    for tensor in tensors:
+        key = (tensor.dtype, tensor.device)
+        nbytes = tensor.numel() * tensor.element_size()
+        buckets = groups.setdefault(key, [[]])
+        if buckets[-1] and sizes[key] + nbytes > _BUCKET_BYTES:
+            buckets.append([])
+            sizes[key] = 0
+        buckets[-1].append(tensor)
+        sizes[key] = sizes.get(key, 0) + nbytes
+    for bucket in (b for buckets in groups.values() for b in buckets):
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        collective(flat)
+        for tensor, piece in zip(bucket, flat.split([t.numel() for t in bucket])):
+            tensor.copy_(piece.view_as(tensor))
 
 
 def _all_finite(tensors) -> bool:
@@ -338,25 +380,52 @@ class MetaBrain(sb.Brain):
         raise NotImplementedError
 
     def meta_buffers(self, task_buffers: List[Tensors]) -> None:
-        """Set the modules' buffers to the mean of the tasks' adapted buffers.
+        """Set the modules' buffers from the tasks' adapted buffers.
 
-        Floating-point buffers (normalisation statistics) are averaged over
-        the tasks of the episode; other buffers take the last task's value.
-        Buffers that the tasks did not return are left as they are.
+        A floating-point buffer (normalisation statistics) becomes the mean of
+        the values the tasks returned for it: their sum divided by their
+        number. Under DDP both are summed over the ranks first, so the mean is
+        over the tasks of all ranks, as on one process holding all of them
+        (up to rounding). Another buffer (e.g. ``num_batches_tracked``) takes
+        the last task's value; under DDP, the element-wise maximum over the
+        ranks of their last task's value (ranks whose tasks did not return it
+        take no part), the same on every rank. A buffer that no task returned
+        (on any rank) is left as it is. Under DDP every rank takes part in the
+        collectives, even one whose tasks were all skipped.
 
         Arguments
         ---------
         task_buffers : list of dict
             The buffers each task of the episode ended with.
         """
-        for name, buffer in self.objective().named_buffers():
+        named = list(self.objective().named_buffers())
+        if not named:
+            return
+        counts = [float(sum(name in b for b in task_buffers)) for name, _ in named]
+        local = []
+        for name, buffer in named:
             values = [buffers[name] for buffers in task_buffers if name in buffers]
-            if not values:
-                continue
             if buffer.is_floating_point():
-                buffer.copy_(torch.stack(values).mean(0))
+                local.append(
+                    torch.stack(values).sum(0) if values else torch.zeros_like(buffer)
+                )
             else:
-                buffer.copy_(values[-1])
+                local.append(
+                    values[-1].long()
+                    if values
+                    else torch.full_like(buffer, _NO_VALUE, dtype=torch.long)
+                )
+        if self._distributed():
+            floats = [v for (_, b), v in zip(named, local) if b.is_floating_point()]
+            others = [v for (_, b), v in zip(named, local) if not b.is_floating_point()]
+            total = torch.tensor(counts, device=self.device)
+            _flat_collective(floats + [total], dist.all_reduce)
+            counts = total.tolist()
+            if others:
+                _flat_collective(others, partial(dist.all_reduce, op=dist.ReduceOp.MAX))
+        for (_, buffer), value, count in zip(named, local, counts):
+            if count > 0:
+                buffer.copy_(value / count if buffer.is_floating_point() else value)
 
     def fit_batch(self, batch: MetaBatch) -> torch.Tensor:
         """One meta-step: every task's contribution, averaged, then the step.
@@ -496,33 +565,64 @@ class MetaBrain(sb.Brain):
                 + advice
             )
 
+    def _distributed(self) -> bool:
+        """Whether this is a rank of a DDP run (collectives are needed)."""
+        return self.distributed_launch and dist.is_initialized()
+
     def _all_reduce_gradients(self, tasks_done: int) -> int:
-        """Sum gradients and task counts over the ranks of a DDP run."""
-        if not (self.distributed_launch and dist.is_initialized()):
+        """Sum the gradients and task counts over the ranks of a DDP run.
+
+        Gradients, one "has a gradient" flag per meta-parameter and the task
+        count go through one flattened all-reduce (more than one only past
+        ~25 MiB per dtype). A parameter that has a gradient on no rank keeps
+        ``grad = None``, as on one process, so the optimizer leaves it alone
+        (no momentum, no weight decay); elsewhere its gradient is the sum over
+        the ranks (zero where a rank had none). Every rank takes part, even
+        one whose tasks were all skipped. On one process nothing changes.
+
+        Arguments
+        ---------
+        tasks_done : int
+            The number of tasks of this rank that were not skipped.
+
+        Returns
+        -------
+        int
+            The number of tasks not skipped, over all ranks.
+        """
+        if not self._distributed():
             return tasks_done
-        for p in self.meta_parameters().values():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-        count = torch.tensor(float(tasks_done), device=self.device)
-        dist.all_reduce(count)
-        return int(count.item())
+        parameters = list(self.meta_parameters().values())
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in parameters]
+        counts = torch.tensor(
+            [float(p.grad is not None) for p in parameters] + [float(tasks_done)],
+            device=self.device,
+        )
+        _flat_collective(grads + [counts], dist.all_reduce)
+        *flags, total = counts.tolist()
+        for p, grad, flag in zip(parameters, grads, flags):
+            p.grad = grad if flag > 0 else None
+        return int(total)
 
     def _wrap_distributed(self):
         """Synchronise the initial weights instead of wrapping modules in DDP.
 
-        DDP's gradient hooks fire only on ``backward()`` and it has no double
-        backward; meta-gradients are all-reduced explicitly in ``fit_batch``.
+        Rank 0's parameters and buffers are broadcast to every rank (in
+        flattened buckets). DDP's gradient hooks fire only on ``backward()``
+        and it has no double backward; meta-gradients are all-reduced
+        explicitly in ``fit_batch``.
         """
         if self.data_parallel_backend:
             raise ValueError(
                 "Meta-learning Brains run on several GPUs through DDP "
                 "(torchrun), not --data_parallel_backend."
             )
-        if self.distributed_launch and dist.is_initialized():
+        if self._distributed():
             with torch.no_grad():
-                for tensor in self.modules.state_dict().values():
-                    dist.broadcast(tensor, src=0)
+                _flat_collective(
+                    list(self.modules.state_dict().values()),
+                    partial(dist.broadcast, src=0),
+                )
 
     # ----------------------------------------------------------- evaluation
     def evaluate_batch(self, batch: MetaBatch, stage: sb.Stage) -> torch.Tensor:
