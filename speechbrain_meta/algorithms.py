@@ -8,10 +8,16 @@ inner steps, ``phi = theta - a * sum_i grad L_S(phi_i)``:
 * :class:`MAML`: ``d L_Q(phi) / d theta`` through every inner step.
 * :class:`FOMAML`: ``grad L_Q(phi)`` taken at ``phi`` (first order).
 * :class:`Reptile`: the pseudo-gradient ``theta - phi``; with SGD of learning
-  rate ``e`` as outer optimizer, theta moves ``e`` of the way towards the
-  mean adapted weights.
-* :class:`MultiTask`: no adaptation, ``grad L_S(theta) + grad L_Q(theta)``:
+  rate ``e`` as outer optimizer and no clipping, theta moves ``e`` of the way
+  towards the mean adapted weights.
+* :class:`MultiTask`: no adaptation, ``grad (L_S(theta) + L_Q(theta)) / 2``:
   ordinary joint training on the same episodes, the usual baseline.
+
+The training loss each reports (and the recipe logs under
+``train_loss_name``) differs: MAML and FOMAML the query loss after
+adaptation (``query_loss``), Reptile the support loss of the last inner step
+(``support_loss``), MultiTask the mean of the support and query losses at
+theta (``episode_loss``).
 """
 
 import logging
@@ -21,13 +27,13 @@ from typing import Optional, Tuple
 
 import torch
 
-from speechbrain_meta.brain import MetaBrain, NonFiniteError, Tensors
+from speechbrain_meta.brain import MetaBrain, Tensors
 from speechbrain_meta.diagnostics import (
     is_double_backward_error,
     not_twice_differentiable,
 )
 from speechbrain_meta.errors import SetupError
-from speechbrain_meta.functional import second_order_context
+from speechbrain_meta.inner_loop import NonFiniteError, second_order_context
 
 __all__ = ["FOMAML", "MAML", "MultiTask", "Reptile"]
 
@@ -39,7 +45,7 @@ class MAML(MetaBrain):
 
     The meta-gradient is that of the query loss after ``inner_steps`` SGD
     steps on the support loss, differentiated through every inner step. Those
-    steps run in :func:`speechbrain_meta.functional.second_order_context`, so
+    steps run in :func:`speechbrain_meta.inner_loop.second_order_context`, so
     CTC, recurrent layers and attention are twice differentiable on CPU and
     GPU. YAML key ``first_order: True`` drops the second-order terms
     (that is :class:`FOMAML`).
@@ -61,6 +67,7 @@ class MAML(MetaBrain):
     """
 
     default_first_order = False
+    train_loss_name = "query_loss"
 
     def check_hparams(self) -> None:
         """Also refuse ``first_order: False`` under FOMAML; warn of MAML + True.
@@ -152,10 +159,14 @@ class Reptile(MetaBrain):
     Each task's adapted weights ``phi`` (``inner_steps`` SGD steps on the
     support batch) give the pseudo-gradient ``theta - phi``; ``fit_batch``
     averages it over the tasks, so an outer SGD optimizer with learning rate
-    ``e`` moves theta by exactly ``e * (theta - mean(phi))``. The query batch
-    is not used in training. An adaptive outer optimizer (Adam) is the usual
-    "Reptile with Adam" variant.
+    ``e`` moves theta by exactly ``e * (theta - mean(phi))`` when nothing
+    clips it: SpeechBrain's ``max_grad_norm`` (5 by default) shortens a mean
+    displacement longer than that, so pass ``--max_grad_norm inf`` for the
+    exact rule. The query batch is not used in training. An adaptive outer
+    optimizer (Adam) is the usual "Reptile with Adam" variant.
     """
+
+    train_loss_name = "support_loss"
 
     def task_step(self, task) -> Optional[Tuple[torch.Tensor, Tensors]]:
         """Add ``theta - phi`` to the gradients of the meta-parameters."""
@@ -183,6 +194,8 @@ class MultiTask(MetaBrain):
     skipped task leaves no trace. Validation adapts exactly as the
     meta-learners do, so the numbers are comparable.
     """
+
+    train_loss_name = "episode_loss"
 
     def task_step(self, task) -> Optional[Tuple[torch.Tensor, Tensors]]:
         """Back-propagate the mean of the support and query losses at theta."""

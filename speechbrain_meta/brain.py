@@ -10,7 +10,7 @@ Validation and test adapt a copy of the weights on each task's support batch
 (:meth:`MetaBrain.inner_loop`) and score the query batch with it.
 
 The recipe's ``compute_forward`` and ``compute_objectives`` run unchanged on
-fast weights through :class:`speechbrain_meta.functional.BrainObjective`; the
+fast weights through :class:`speechbrain_meta.inner_loop.BrainObjective`; the
 modules' parameters and buffers are never modified by an inner loop.
 
 YAML keys read from ``hparams`` (defaults in brackets):
@@ -38,7 +38,7 @@ import hashlib
 import logging
 import math
 from functools import partial
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import speechbrain as sb
 import torch
@@ -52,7 +52,14 @@ from speechbrain_meta.checkpoints import (
     set_aside_incomplete_checkpoints,
 )
 from speechbrain_meta.errors import SetupError
-from speechbrain_meta.functional import BrainObjective
+from speechbrain_meta.inner_loop import (
+    AdaptedWeights,
+    BrainObjective,
+    NonFiniteError,
+    Tensors,
+    all_finite,
+    sgd_steps,
+)
 from speechbrain_meta.sampler import (
     EpisodicDataset,
     MetaBatch,
@@ -60,39 +67,9 @@ from speechbrain_meta.sampler import (
     collate_episode,
 )
 
-__all__ = ["AdaptedWeights", "MetaBrain", "NonFiniteError"]
+__all__ = ["MetaBrain"]
 
 logger = logging.getLogger(__name__)
-
-Tensors = Dict[str, torch.Tensor]
-
-
-class NonFiniteError(ArithmeticError):
-    """A loss or gradient of one task is NaN or infinite: skip that task.
-
-    Raised by :meth:`MetaBrain.inner_loop` and the algorithms' ``task_step``;
-    :meth:`MetaBrain.fit_batch` and :meth:`MetaBrain.evaluate_batch` leave the
-    task out and count it. The message says which value it was.
-    """
-
-
-class AdaptedWeights(NamedTuple):
-    """The result of an inner loop on one batch.
-
-    Attributes
-    ----------
-    parameters : dict
-        The fast weights by name, with autograd history back to the
-        meta-parameters.
-    buffers : dict
-        Copies of the modules' buffers as the inner loop left them.
-    loss : torch.Tensor
-        The support loss of the last inner step.
-    """
-
-    parameters: Tensors
-    buffers: Tensors
-    loss: torch.Tensor
 
 
 _BUCKET_BYTES = 25 * 2**20
@@ -136,12 +113,6 @@ def _flat_collective(
             tensor.copy_(piece.view_as(tensor))
 
 
-def _all_finite(tensors) -> bool:
-    """Whether every tensor of ``tensors`` (None entries ignored) is finite."""
-    flags = [t.detach().isfinite().all() for t in tensors if t is not None]
-    return bool(torch.stack(flags).all()) if flags else True
-
-
 class MetaBrain(sb.Brain):
     """Base class of the episode-based meta-learning Brains.
 
@@ -164,6 +135,9 @@ class MetaBrain(sb.Brain):
     ...         return loss.detach(), {}
     """
 
+    #: The name under which recipes log the loss that :meth:`task_step` reports.
+    train_loss_name = "loss"
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.precision == "fp16":
@@ -179,7 +153,8 @@ class MetaBrain(sb.Brain):
         self.check_hparams()
         self.nonfinite_count = 0
         self.skipped_utterances: Dict[str, str] = {}
-        self.skipped_eval_tasks = 0
+        self.unscored_tasks = 0
+        self._objective: Optional[Tuple[tuple, BrainObjective]] = None
         if self.checkpointer is not None:
             # Optional: checkpoints written before it existed still load.
             self.checkpointer.add_recoverable(
@@ -248,8 +223,15 @@ class MetaBrain(sb.Brain):
 
     # --------------------------------------------------------- fast weights
     def objective(self) -> BrainObjective:
-        """The recipe's forward pass and objectives as one module."""
-        return BrainObjective(self)
+        """The recipe's forward pass and objectives as one module.
+
+        Built once, and again only if ``self.modules`` holds other modules
+        (e.g. compiled ones after ``on_fit_start``).
+        """
+        key = tuple((name, id(m)) for name, m in self.modules.items())
+        if self._objective is None or self._objective[0] != key:
+            self._objective = (key, BrainObjective(self))
+        return self._objective[1]
 
     def meta_parameters(self) -> Tensors:
         """The trainable parameters of ``self.modules`` by objective name."""
@@ -303,11 +285,13 @@ class MetaBrain(sb.Brain):
     ) -> AdaptedWeights:
         """Adapt fast weights to ``batch`` with ``steps`` steps of SGD.
 
-        The fast weights start from ``parameters`` (the meta-parameters by
-        default) and keep their autograd history: with ``create_graph`` the
-        gradient of a later loss reaches the meta-parameters through every
-        inner step (second order); without it, through the identity only
-        (first order). The modules' own parameters and buffers are untouched.
+        :func:`speechbrain_meta.inner_loop.sgd_steps` on the recipe's loss
+        (stage TRAIN) with copies of the modules' buffers. The fast weights
+        start from ``parameters`` (the meta-parameters by default) and keep
+        their autograd history: with ``create_graph`` the gradient of a later
+        loss reaches the meta-parameters through every inner step (second
+        order); without it, through the identity only (first order). The
+        modules' own parameters and buffers are untouched.
 
         Arguments
         ---------
@@ -333,26 +317,15 @@ class MetaBrain(sb.Brain):
             When a support loss or its gradient is not finite (the task must
             be skipped).
         """
-        weights = self.meta_parameters() if parameters is None else parameters
-        buffers = self.copy_buffers()
-        loss = torch.zeros(())
-        for step in range(1, steps + 1):
-            loss = self.task_loss(weights, buffers, batch, sb.Stage.TRAIN)
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"support loss {loss.item()} at inner step {step}")
-            grads = torch.autograd.grad(
-                loss,
-                list(weights.values()),
-                create_graph=create_graph,
-                allow_unused=True,
-            )
-            if not _all_finite(grads):
-                raise NonFiniteError(f"support gradient at inner step {step}")
-            weights = {
-                name: w if g is None else w - lr * g
-                for (name, w), g in zip(weights.items(), grads)
-            }
-        return AdaptedWeights(weights, buffers, loss.detach())
+        start = self.meta_parameters() if parameters is None else parameters
+        return sgd_steps(
+            lambda weights, buffers: self.task_loss(weights, buffers, batch),
+            start,
+            self.copy_buffers(),
+            steps,
+            lr,
+            create_graph,
+        )
 
     # ------------------------------------------------------------- training
     def task_step(self, task) -> Optional[Tuple[torch.Tensor, Tensors]]:
@@ -495,7 +468,7 @@ class MetaBrain(sb.Brain):
             p.grad = None
         try:
             outcome = self.task_step(task)
-            if outcome is not None and not _all_finite(p.grad for p in parameters):
+            if outcome is not None and not all_finite(p.grad for p in parameters):
                 raise NonFiniteError("meta-gradient")
         except NonFiniteError as error:
             self.skip_task(task.name, str(error))
@@ -618,6 +591,10 @@ class MetaBrain(sb.Brain):
                 "(torchrun), not --data_parallel_backend."
             )
         if self._distributed():
+            logger.info(
+                f"DDP on {dist.get_world_size()} ranks: rank 0's weights are "
+                "broadcast, meta-gradients and buffers all-reduced."
+            )
             with torch.no_grad():
                 _flat_collective(
                     list(self.modules.state_dict().values()),
@@ -631,7 +608,8 @@ class MetaBrain(sb.Brain):
         The query batch goes through the recipe's methods with ``stage``
         (so its metrics, decoding and beam search see the adapted weights).
         A task whose adaptation or query loss is not finite is left out with
-        a warning and counted in ``skipped_eval_tasks`` (over the run).
+        a warning and counted in ``unscored_tasks`` (reset when a stage
+        starts, for the recipe's ``on_stage_end`` to report).
 
         Arguments
         ---------
@@ -664,10 +642,10 @@ class MetaBrain(sb.Brain):
                 if not torch.isfinite(loss):
                     raise NonFiniteError("query loss after adaptation")
             except NonFiniteError as error:
-                self.skipped_eval_tasks += 1
+                self.unscored_tasks += 1
                 logger.warning(
                     f"{stage.name} task '{task.name}' not scored: non-finite "
-                    f"{error} ({self.skipped_eval_tasks} evaluation tasks not "
+                    f"{error} ({self.unscored_tasks} tasks of this stage not "
                     "scored so far)."
                 )
                 continue
@@ -681,6 +659,11 @@ class MetaBrain(sb.Brain):
         self._check_finite_weights(
             "in the checkpoint loaded for evaluation", _MOVE_CHECKPOINT
         )
+
+    def on_stage_start(self, stage, epoch=None):
+        """Reset the count of tasks not scored (recipes call it by ``super()``)."""
+        self.unscored_tasks = 0
+        super().on_stage_start(stage, epoch)
 
     def adaptation_seed(self, task) -> int:
         """The seed of a task's test-time adaptation.

@@ -10,10 +10,14 @@ semantics, and exact first and second derivatives:
   Python loop over time only; the backward recursion (beta) runs in the same
   loop, as more rows, on the time- and label-reversed problem;
 * the backward pass reads the state posteriors ``exp(alpha + beta - emission
-  - log_likelihood)`` off the saved alphas and betas, without any recursion;
+  - log_likelihood)`` off the saved alphas and betas, without any recursion,
+  normalised frame by frame, so that the float32 roundings of alphas in the
+  thousands (long inputs: 1e-4 and more) cancel out rather than reach the
+  gradient through ``log_likelihood``, as they reach the native one;
 * with ``create_graph=True``, that gradient is itself a differentiable
   function, whose backward (the Hessian-vector product) runs two linear
-  recursions with the posterior transition weights, again in one loop.
+  recursions with the posterior transition weights, again in one loop; the
+  weights are normalised over each state's predecessors, for the same reason.
 
 Each step is a few in-place kernels on buffers, without an autograd node per
 time step: an autograd graph through the recursion costs several times more
@@ -22,9 +26,24 @@ respect to ``log_probs`` (tested against autograd on a textbook
 implementation, and with ``gradcheck`` and ``gradgradcheck``); a third
 derivative raises an error.
 
-:func:`ctc_loss` is ``speechbrain.nnet.losses.ctc_loss`` on top of it, and
-:func:`twice_differentiable_ctc` swaps it in for the native loss wherever
-SpeechBrain or PyTorch look it up.
+:func:`ctc_loss` is ``speechbrain.nnet.losses.ctc_loss`` on top of it, for a
+recipe to choose in its YAML (``ctc_cost: !name:speechbrain_meta.ctc.ctc_loss``):
+twice differentiable everywhere, without any patch.
+:func:`twice_differentiable_ctc` instead swaps it in for the native loss
+wherever SpeechBrain or PyTorch look it up, for unchanged recipes.
+
+That swap is thread-local: only the thread inside the context computes the
+differentiable loss, all others keep the native one. It patches
+``torch.nn.functional.ctc_loss`` with a dispatcher only while at least one
+thread is inside, and puts the native function back when the last one
+leaves, rather than installing a dispatcher for good: outside the contexts,
+nothing of PyTorch is changed, identity included
+(``torch.nn.functional.ctc_loss is native`` holds for the function found
+before, and TorchScript, which cannot compile the dispatcher, scripts
+``torch.nn.CTCLoss`` as usual). While some thread is inside, every thread
+sees the dispatcher, which calls the native function (the one found when the
+first thread entered) outside of the contexts: same results, ``grad_fn`` and
+errors, one Python call more.
 
 Example
 -------
@@ -46,11 +65,12 @@ torch.Size([20, 2, 5])
 
 import contextlib
 import math
-import threading
 from typing import Iterator, NamedTuple, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+
+from speechbrain_meta.patching import ThreadLocalPatch
 
 __all__ = ["ctc_loss", "ctc_loss_differentiable", "twice_differentiable_ctc"]
 
@@ -266,35 +286,43 @@ def _posterior_weights(
     """Posterior of every state ``(T, B, L)``: d log-likelihood / d emission.
 
     ``exp(alpha + beta - emission - log_likelihood)``, zero outside the
-    sequences and for infeasible ones.
+    sequences and for infeasible ones, computed as a softmax over the states
+    of each frame (at every frame, the path is in exactly one of them) of
+    ``alpha`` and ``beta`` relative to their maxima over those states. In
+    float32, the rounding of alphas and betas in the thousands then cancels
+    out instead of reaching the posteriors through ``log_likelihood``.
     """
-    log_likelihood = _log_likelihood(alpha, plan)
-    log_likelihood.masked_fill_(log_likelihood <= _NEG / 2, float("inf"))
     forward, backward = _split(alpha, plan)
     emissions = _states(flat_emissions, plan)[:, : plan.batch]
-    log_post = (forward + backward).sub_(emissions).sub_(log_likelihood[:, None])
-    return _exp(log_post.masked_fill_(plan.outside, float("-inf")))
+    log_post = forward - forward.amax(2, keepdim=True)
+    log_post += backward.sub_(backward.amax(2, keepdim=True))
+    log_post -= emissions
+    log_post.masked_fill_(plan.outside, float("-inf"))
+    log_post -= log_post.amax(2, keepdim=True).clamp_(min=_NEG)
+    posterior = _exp(log_post)
+    # The likelihood, up to the shifts: at least 1 (the maximum's term) inside
+    # the input, 0 past it (made 1), inf where infeasible (all posteriors 0).
+    total = posterior.sum(2, keepdim=True).clamp_(min=1.0)
+    infeasible = _log_likelihood(alpha, plan) <= _NEG / 2
+    return posterior.div_(total.masked_fill_(infeasible[:, None], float("inf")))
 
 
-def _transition_weights(
-    flat_emissions: torch.Tensor, alpha: torch.Tensor, plan: _Plan
-) -> torch.Tensor:
+def _transition_weights(alpha: torch.Tensor, plan: _Plan) -> torch.Tensor:
     """Posterior transition probabilities ``(3, T - 1, N - 2)``.
 
     ``w[k, t - 1, s] = P(state s - 2 + k at t - 1 | state s at t, frames up to
-    t) = exp(alpha[t-1, s-2+k] + skip + emission[t, s] - alpha[t, s])``, zero
-    where ``s`` is impossible at ``t``.
+    t)``, the softmax over ``k`` of ``alpha[t-1, s-2+k]`` (plus ``skip`` for
+    ``k = 0``), zero where ``s`` is impossible at ``t``. Normalised over the
+    three predecessors, rather than with ``alpha[t, s] - emission[t, s]``,
+    they sum to one up to a rounding of their own size: in float32, the
+    rounding of alphas in the thousands would otherwise build up along the
+    recursions of the Hessian-vector product.
     """
-    # log sum_k exp(alpha[t-1, s-2+k]); +inf where alpha[t, s] is impossible
-    incoming = (alpha[1:, 2:] - flat_emissions[1:, 2:]).masked_fill_(
-        alpha[1:, 2:] <= _NEG / 2, float("inf")
-    )
-    frames, columns = alpha.shape
-    log_weights = alpha.new_empty(3, frames - 1, columns - 2)
-    for k in range(3):
-        torch.sub(alpha[:-1, k : columns - 2 + k], incoming, out=log_weights[k])
+    columns = alpha.shape[1]
+    log_weights = torch.stack([alpha[:-1, k : columns - 2 + k] for k in range(3)])
     log_weights[0] += plan.skip
-    return _exp(log_weights)
+    weights = log_weights.softmax(0).masked_fill_(alpha[1:, 2:] <= _NEG / 2, 0.0)
+    return F.threshold_(weights, torch.finfo(weights.dtype).tiny, 0.0)
 
 
 def _expected_prefix_sums(
@@ -354,7 +382,7 @@ class _Posterior(torch.autograd.Function):
         with torch.no_grad():
             cotangent = upstream.masked_fill(plan.outside, 0.0)
             expected = (posterior * cotangent).sum((0, 2))  # E[U] per sample
-            weights = _transition_weights(flat_emissions, alpha, plan)
+            weights = _transition_weights(alpha, plan)
             before, after = _split(
                 _expected_prefix_sums(weights, _layout(cotangent, plan, 0.0)), plan
             )
@@ -547,7 +575,10 @@ def ctc_loss(
 
     Same interface and results as SpeechBrain's CTC loss (relative lengths,
     batch-first inputs, infinite losses zeroed), computed with
-    :func:`ctc_loss_differentiable`.
+    :func:`ctc_loss_differentiable`: twice differentiable in any context, and
+    without touching ``torch.nn.functional.ctc_loss``. A recipe's YAML
+    chooses it as ``ctc_cost: !name:speechbrain_meta.ctc.ctc_loss`` with
+    ``blank_index: !ref <blank_index>``.
 
     Arguments
     ---------
@@ -603,28 +634,30 @@ def ctc_loss(
     return loss
 
 
-_patch_lock = threading.Lock()
-_patch_depth = 0
-_replaced_ctc_loss = F.ctc_loss
+_differentiable_ctc = ThreadLocalPatch(
+    [(F, "ctc_loss")], lambda native: ctc_loss_differentiable
+)
 
 
 @contextlib.contextmanager
 def twice_differentiable_ctc() -> Iterator[None]:
-    """Make every CTC loss computed inside the context twice differentiable.
+    """Make the CTC losses that this thread computes twice differentiable.
 
-    ``torch.nn.functional.ctc_loss`` is replaced with
-    :func:`ctc_loss_differentiable` for the duration of the context, and
-    restored on exit, also when an exception leaves it. Everything that looks
-    the function up at call time follows: ``speechbrain.nnet.losses.ctc_loss``
-    and ``torch.nn.CTCLoss`` included. The context is re-entrant (the native
-    function comes back when the outermost context exits) and process-wide:
-    other threads see the replacement too.
+    Inside the context, ``torch.nn.functional.ctc_loss`` computes
+    :func:`ctc_loss_differentiable` when called from the thread that entered
+    it, and the native loss when called from any other thread. Everything
+    that looks the function up at call time follows:
+    ``speechbrain.nnet.losses.ctc_loss`` and ``torch.nn.CTCLoss`` included.
+    The context is re-entrant and exception-safe. Outside of every thread's
+    context, ``torch.nn.functional.ctc_loss`` *is* the native function again;
+    while a thread is inside, it is a dispatcher that wraps it (same name,
+    signature and docstring; ``__wrapped__`` is the native function).
 
     This is how the meta-learning Brains differentiate through CTC: their
     second-order steps run inside this context
     (:func:`speechbrain_meta.functional.second_order_context`), so a recipe's
     ``compute_objectives`` that calls SpeechBrain's ``ctc_loss`` needs no
-    change.
+    change. A recipe that uses :func:`ctc_loss` itself needs no context.
 
     Returns
     -------
@@ -646,16 +679,5 @@ def twice_differentiable_ctc() -> Iterator[None]:
     >>> torch.nn.functional.ctc_loss is native
     True
     """
-    global _patch_depth, _replaced_ctc_loss
-    with _patch_lock:
-        if _patch_depth == 0:
-            _replaced_ctc_loss = F.ctc_loss
-            F.ctc_loss = ctc_loss_differentiable
-        _patch_depth += 1
-    try:
+    with _differentiable_ctc:
         yield
-    finally:
-        with _patch_lock:
-            _patch_depth -= 1
-            if _patch_depth == 0:
-                F.ctc_loss = _replaced_ctc_loss

@@ -172,7 +172,7 @@ def find_once_differentiable(
     Arguments
     ---------
     root : torch.nn.Module
-        The model (e.g. a :class:`~speechbrain_meta.functional.BrainObjective`).
+        The model (e.g. a :class:`~speechbrain_meta.inner_loop.BrainObjective`).
     forward : callable
         Runs one forward pass through ``root``'s submodules (its result is
         ignored); their inputs are recorded there.

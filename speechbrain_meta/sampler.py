@@ -83,8 +83,46 @@ TASK_WEIGHTINGS = ("uniform", "proportional", "round_robin")
 _CHUNK = 32  # positions drawn at once by _random_order
 
 
+class _HoldsBatches:
+    """``to`` and ``pin_memory`` applied in place to every batch held."""
+
+    def _parts(self) -> list:
+        raise NotImplementedError
+
+    def to(self, device: torch.device | str, **kwargs):
+        """Move every batch in place, as ``PaddedBatch.to`` does.
+
+        Arguments
+        ---------
+        device : torch.device or str
+            The target device.
+        **kwargs : dict
+            Further arguments of ``torch.Tensor.to``, e.g. ``non_blocking``.
+
+        Returns
+        -------
+        Task or MetaBatch
+            This object, moved.
+        """
+        for part in self._parts():
+            part.to(device, **kwargs)
+        return self
+
+    def pin_memory(self):
+        """Pin every batch in place (used by ``DataLoader(pin_memory=True)``).
+
+        Returns
+        -------
+        Task or MetaBatch
+            This object, pinned.
+        """
+        for part in self._parts():
+            part.pin_memory()
+        return self
+
+
 @dataclass
-class Task:
+class Task(_HoldsBatches):
     """The support and query batches of one task in an episode.
 
     Arguments
@@ -101,40 +139,12 @@ class Task:
     support: PaddedBatch
     query: PaddedBatch
 
-    def to(self, device: torch.device | str, **kwargs) -> Task:
-        """Move both batches in place, as ``PaddedBatch.to`` does.
-
-        Arguments
-        ---------
-        device : torch.device or str
-            The target device.
-        **kwargs : dict
-            Further arguments of ``torch.Tensor.to``, e.g. ``non_blocking``.
-
-        Returns
-        -------
-        Task
-            This task, moved.
-        """
-        self.support.to(device, **kwargs)
-        self.query.to(device, **kwargs)
-        return self
-
-    def pin_memory(self) -> Task:
-        """Pin both batches in place (used by ``DataLoader(pin_memory=True)``).
-
-        Returns
-        -------
-        Task
-            This task, pinned.
-        """
-        self.support.pin_memory()
-        self.query.pin_memory()
-        return self
+    def _parts(self) -> list:
+        return [self.support, self.query]
 
 
 @dataclass
-class MetaBatch:
+class MetaBatch(_HoldsBatches):
     """One episode: the tasks of a meta-batch, in sampler order.
 
     Arguments
@@ -149,36 +159,8 @@ class MetaBatch:
     tasks: list[Task]
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
-    def to(self, device: torch.device | str, **kwargs) -> MetaBatch:
-        """Move every task in place.
-
-        Arguments
-        ---------
-        device : torch.device or str
-            The target device.
-        **kwargs : dict
-            Further arguments of ``torch.Tensor.to``, e.g. ``non_blocking``.
-
-        Returns
-        -------
-        MetaBatch
-            This meta-batch, moved.
-        """
-        for task in self.tasks:
-            task.to(device, **kwargs)
-        return self
-
-    def pin_memory(self) -> MetaBatch:
-        """Pin every task in place (used by ``DataLoader(pin_memory=True)``).
-
-        Returns
-        -------
-        MetaBatch
-            This meta-batch, pinned.
-        """
-        for task in self.tasks:
-            task.pin_memory()
-        return self
+    def _parts(self) -> list:
+        return self.tasks
 
     def __len__(self) -> int:
         """Return the number of tasks."""

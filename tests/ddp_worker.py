@@ -18,7 +18,8 @@ import torch
 from test_meta_training import SineRegression, sampler, sine_tasks
 
 import speechbrain_meta
-from speechbrain_meta.brain import MetaBrain, NonFiniteError
+from speechbrain_meta.brain import MetaBrain
+from speechbrain_meta.inner_loop import NonFiniteError
 
 ALGORITHMS = ("MAML", "FOMAML", "Reptile", "MultiTask")
 STEPS = 3

@@ -1,0 +1,354 @@
+"""The inner loop: fast weights, SGD steps and the second-order context.
+
+A meta-learning inner loop adapts *fast weights* (copies of the
+meta-parameters that keep their autograd history) to a task's support batch,
+evaluating the recipe's own ``compute_forward`` and ``compute_objectives``
+with them. Everything it takes is here:
+
+* :class:`BrainObjective` turns a Brain into an ``nn.Module`` whose forward
+  is exactly those two methods, so that :func:`torch.func.functional_call`
+  swaps the parameters (and buffers) of every module of ``brain.modules`` for
+  one call; the modules' own tensors are never touched.
+* :func:`sgd_steps` takes the SGD steps on the fast weights (differentiable
+  themselves with ``create_graph``, for second-order MAML) and stops with
+  :class:`NonFiniteError` at a non-finite loss or gradient; it returns
+  :class:`AdaptedWeights`. :meth:`speechbrain_meta.MetaBrain.inner_loop` is
+  this on the Brain's recipe.
+* :func:`fast_weight_context` stops recurrent layers from re-flattening their
+  weights into cuDNN's single buffer, an in-place operation that would cut
+  the fast weights off from the autograd graph (:meth:`BrainObjective.call`
+  enters it).
+* :func:`second_order_context` makes every operation twice differentiable:
+  CTC through :func:`speechbrain_meta.ctc.twice_differentiable_ctc`, the
+  forward of recurrent layers without cuDNN, and attention on the math
+  backend of ``scaled_dot_product_attention``. Everything else, convolutions
+  and normalisation included, keeps its cuDNN kernels, which have a double
+  backward.
+
+Both contexts touch only the thread that enters them
+(:mod:`speechbrain_meta.patching`): while a thread is inside,
+``RNNBase.flatten_parameters``, the ``forward`` of ``torch.nn.RNN``,
+``LSTM`` and ``GRU`` (which SpeechBrain's RNN wrappers call) and
+``torch.nn.functional.scaled_dot_product_attention`` are dispatchers that
+behave as the originals in the other threads; the originals are back, by
+identity, when the last thread has left. Both contexts are re-entrant. What
+autograd runs in threads of its own is outside them, though: forwards that
+activation checkpointing recomputes during a GPU backward, say.
+
+cuDNN and the attention backends are enabled by process-wide flags, though.
+They are switched only for the duration of one recurrent forward or one
+attention call of a thread inside the context, held by a count across threads
+so that they come back as they were however the threads interleave; but
+another thread that starts a cuDNN operation (a convolution, say) or an
+attention call during such a window gets the non-cuDNN kernel or the math
+backend: the same results up to rounding, more slowly. (On CPU, there are no
+cuDNN kernels for the flag to select; the attention flags do apply.)
+
+Example
+-------
+>>> import speechbrain as sb
+>>> class Regression(sb.Brain):
+...     def compute_forward(self, batch, stage):
+...         return self.modules.lin(batch[0])
+...     def compute_objectives(self, predictions, batch, stage):
+...         return ((predictions - batch[1]) ** 2).mean()
+>>> brain = Regression({"lin": torch.nn.Linear(2, 1)})
+>>> objective = BrainObjective(brain)
+>>> theta = dict(objective.named_parameters())
+>>> batch = (torch.ones(4, 2), torch.zeros(4, 1))
+>>> def support_loss(weights, buffers):
+...     return objective.call(weights, batch, sb.Stage.TRAIN)
+>>> adapted = sgd_steps(support_loss, theta, {}, steps=3, lr=0.1)
+>>> bool(support_loss(adapted.parameters, {}) < support_loss(theta, {}))
+True
+>>> adapted.parameters["lin.weight"].grad_fn is not None  # fast weights
+True
+"""
+
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, NamedTuple
+
+import torch
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from speechbrain_meta.ctc import twice_differentiable_ctc
+from speechbrain_meta.patching import SharedSetting, ThreadLocalPatch
+
+__all__ = [
+    "AdaptedWeights",
+    "BrainObjective",
+    "NonFiniteError",
+    "all_finite",
+    "fast_weight_context",
+    "second_order_context",
+    "sgd_steps",
+]
+
+Tensors = Dict[str, torch.Tensor]
+
+
+@contextmanager
+def _cudnn_disabled() -> Iterator[None]:
+    """Disable cuDNN, and only that: its other flags stay as they are."""
+    enabled = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = enabled
+
+
+_no_cudnn = SharedSetting(_cudnn_disabled)
+_math_attention = SharedSetting(lambda: sdpa_kernel(SDPBackend.MATH))
+
+
+def _within(setting: SharedSetting) -> Callable[[Callable], Callable]:
+    """The replacement that calls a function with ``setting`` held."""
+
+    def replacement(function: Callable) -> Callable:
+        def call(*args, **kwargs):
+            with setting:
+                return function(*args, **kwargs)
+
+        return call
+
+    return replacement
+
+
+def _leaf_weights_only(flatten_parameters: Callable) -> Callable:
+    """``flatten_parameters`` that leaves RNNs with fast weights alone."""
+
+    def flatten_leaf_parameters(rnn: torch.nn.RNNBase) -> None:
+        if all(w.grad_fn is None for w in rnn._flat_weights if w is not None):
+            flatten_parameters(rnn)
+
+    return flatten_leaf_parameters
+
+
+_fast_weights = ThreadLocalPatch(
+    [(torch.nn.RNNBase, "flatten_parameters")], _leaf_weights_only
+)
+_rnn_without_cudnn = ThreadLocalPatch(
+    [(rnn, "forward") for rnn in (torch.nn.RNN, torch.nn.LSTM, torch.nn.GRU)],
+    _within(_no_cudnn),
+)
+_attention_on_math = ThreadLocalPatch(
+    [(torch.nn.functional, "scaled_dot_product_attention")],
+    _within(_math_attention),
+)
+
+
+@contextmanager
+def fast_weight_context() -> Iterator[None]:
+    """Keep ``RNNBase.flatten_parameters`` away from fast weights.
+
+    Inside the context, ``flatten_parameters`` called from this thread does
+    nothing on an RNN whose weights carry autograd history (fast weights) and
+    behaves as usual on an RNN holding its own parameters. Other threads are
+    not affected; the context is re-entrant.
+
+    Example
+    -------
+    >>> gru = torch.nn.GRU(3, 4)
+    >>> fast = {n: p * 1.0 for n, p in gru.named_parameters()}
+    >>> with fast_weight_context():
+    ...     out, _ = functional_call(gru, fast, (torch.randn(5, 1, 3),))
+    >>> out.shape
+    torch.Size([5, 1, 4])
+    """
+    with _fast_weights:
+        yield
+
+
+@contextmanager
+def second_order_context() -> Iterator[None]:
+    """Make the computations of this thread twice differentiable, on any device.
+
+    Inside the context, in the calling thread only: CTC losses use
+    :func:`speechbrain_meta.ctc.ctc_loss_differentiable`, the forward of
+    ``torch.nn.RNN``, ``LSTM`` and ``GRU`` runs without cuDNN (whose RNN
+    kernels have no double backward; their backward then follows the
+    non-cuDNN forward) and ``scaled_dot_product_attention`` runs on its math
+    backend (the fused kernels have no double backward either). Convolutions
+    and everything else keep cuDNN. Fast weights need
+    :func:`fast_weight_context` as well (:meth:`BrainObjective.call` enters
+    it). The context is re-entrant; see the module's description for the
+    process-wide flags that it switches during recurrent and attention
+    calls.
+
+    Example
+    -------
+    >>> gru = torch.nn.GRU(2, 3)
+    >>> x = torch.randn(4, 1, 2, requires_grad=True)
+    >>> with second_order_context():
+    ...     y = gru(x)[0].tanh().pow(2).sum()
+    ...     (g,) = torch.autograd.grad(y, x, create_graph=True)
+    ...     (h,) = torch.autograd.grad(g.sum(), x)
+    >>> h.shape
+    torch.Size([4, 1, 2])
+    """
+    with twice_differentiable_ctc(), _rnn_without_cudnn, _attention_on_math:
+        yield
+
+
+class BrainObjective(torch.nn.Module):
+    """A Brain's ``compute_forward`` + ``compute_objectives`` as a module.
+
+    Its submodules are those of ``brain.modules``, so its parameter and buffer
+    names are the keys of ``brain.modules.state_dict()``.
+
+    Arguments
+    ---------
+    brain : speechbrain.core.Brain
+        The Brain whose recipe methods are called.
+
+    Example
+    -------
+    >>> import speechbrain as sb
+    >>> class Regression(sb.Brain):
+    ...     def compute_forward(self, batch, stage):
+    ...         return self.modules.lin(batch[0])
+    ...     def compute_objectives(self, predictions, batch, stage):
+    ...         return ((predictions - batch[1]) ** 2).mean()
+    >>> brain = Regression({"lin": torch.nn.Linear(2, 1)})
+    >>> objective = BrainObjective(brain)
+    >>> zeros = {n: torch.zeros_like(p) for n, p in objective.named_parameters()}
+    >>> batch = (torch.ones(3, 2), torch.ones(3, 1))
+    >>> objective.call(zeros, batch, sb.Stage.TRAIN)
+    tensor(1.)
+    """
+
+    def __init__(self, brain):
+        super().__init__()
+        for name, module in brain.modules.items():
+            if hasattr(self, name):
+                raise ValueError(
+                    f"brain.modules['{name}'] shadows the nn.Module attribute "
+                    f"'{name}'; rename that module."
+                )
+            self.add_module(name, module)
+        # A plain attribute, not a submodule: the Brain is no nn.Module.
+        self.__dict__["brain"] = brain
+
+    def forward(self, batch, stage) -> torch.Tensor:
+        """Run the recipe's forward pass and objectives on ``batch``."""
+        predictions = self.brain.compute_forward(batch, stage)
+        return self.brain.compute_objectives(predictions, batch, stage)
+
+    def call(self, tensors: Dict[str, torch.Tensor], batch, stage) -> torch.Tensor:
+        """Compute the objective with ``tensors`` in place of the modules' own.
+
+        Arguments
+        ---------
+        tensors : dict
+            Parameters and buffers by name (``<module>.<name>``); the
+            ones not given keep the modules' own values.
+        batch : PaddedBatch
+            The batch passed to ``compute_forward``.
+        stage : speechbrain.Stage
+            The stage passed to the recipe's methods.
+
+        Returns
+        -------
+        torch.Tensor
+            The loss returned by ``compute_objectives``.
+        """
+        with fast_weight_context():
+            return functional_call(self, tensors, (batch, stage), strict=False)
+
+
+class NonFiniteError(ArithmeticError):
+    """A loss or gradient of one task is NaN or infinite: skip that task.
+
+    Raised by :func:`sgd_steps` and the algorithms' ``task_step``;
+    :meth:`~speechbrain_meta.MetaBrain.fit_batch` and
+    :meth:`~speechbrain_meta.MetaBrain.evaluate_batch` leave the task out and
+    count it. The message says which value it was.
+    """
+
+
+class AdaptedWeights(NamedTuple):
+    """The result of an inner loop on one batch.
+
+    Attributes
+    ----------
+    parameters : dict
+        The fast weights by name, with autograd history back to the
+        meta-parameters.
+    buffers : dict
+        Copies of the modules' buffers as the inner loop left them.
+    loss : torch.Tensor
+        The support loss of the last inner step.
+    """
+
+    parameters: Tensors
+    buffers: Tensors
+    loss: torch.Tensor
+
+
+def all_finite(tensors) -> bool:
+    """Whether every tensor of ``tensors`` (None entries ignored) is finite."""
+    flags = [t.detach().isfinite().all() for t in tensors if t is not None]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def sgd_steps(
+    loss: Callable[[Tensors, Tensors], torch.Tensor],
+    parameters: Tensors,
+    buffers: Tensors,
+    steps: int,
+    lr: float,
+    create_graph: bool = False,
+) -> AdaptedWeights:
+    """Take ``steps`` SGD steps of ``loss`` on fast weights.
+
+    The fast weights start from ``parameters`` and keep their autograd
+    history: with ``create_graph`` the gradient of a later loss reaches
+    ``parameters`` through every step (second order); without it, through
+    the identity only (first order). A weight that gets no gradient stays the
+    same tensor.
+
+    Arguments
+    ---------
+    loss : callable
+        ``loss(weights, buffers)``: the support loss with these weights and
+        buffers (e.g. :meth:`BrainObjective.call` on the support batch); it
+        may update ``buffers`` in place (normalisation statistics).
+    parameters : dict
+        Where the fast weights start, by name.
+    buffers : dict
+        Buffers by name, passed to every step.
+    steps : int
+        Number of steps.
+    lr : float
+        Their learning rate.
+    create_graph : bool
+        Whether the gradients of the steps are themselves differentiable.
+
+    Returns
+    -------
+    AdaptedWeights
+        The adapted weights, the buffers and the last step's loss.
+
+    Raises
+    ------
+    NonFiniteError
+        When a loss or its gradient is not finite (the task must be skipped).
+    """
+    weights = parameters
+    value = torch.zeros(())
+    for step in range(1, steps + 1):
+        value = loss(weights, buffers)
+        if not torch.isfinite(value):
+            raise NonFiniteError(f"support loss {value.item()} at inner step {step}")
+        grads = torch.autograd.grad(
+            value, list(weights.values()), create_graph=create_graph, allow_unused=True
+        )
+        if not all_finite(grads):
+            raise NonFiniteError(f"support gradient at inner step {step}")
+        weights = {
+            name: w if g is None else w - lr * g
+            for (name, w), g in zip(weights.items(), grads)
+        }
+    return AdaptedWeights(weights, buffers, value.detach())
