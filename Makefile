@@ -22,7 +22,7 @@ test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
-# The whole story on a 2-core CPU (README.md, "Low-resource adaptation"): embedded corpus, MAML and
+# The whole story on a 2-core CPU (docs/adaptation.md): embedded corpus, MAML and
 # multitask training, adaptation of MAML, multitask and random initialisations
 # to the held-out languages, then $(RESULTS)/demo/{adaptation.csv,report.md,*.png}.
 # A rerun reuses the finished stages.

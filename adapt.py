@@ -7,7 +7,7 @@ audio or utterances) with the ``ASR`` recipe of ``train.py`` in a plain
 ``speechbrain.Brain``, and scores the target's test set with SpeechBrain's
 ``ErrorRateStats`` after each point of an adaptation curve. Characters of the
 target that the initialisation never saw are added to its character encoder
-and output layer (see README.md, "Low-resource adaptation").
+and output layer (see docs/adaptation.md).
 
 Outputs in ``output_folder``: ``curve.csv`` (``init, target, budget, step,
 cer, wer``), ``wer.txt`` / ``cer.txt`` of the last curve point,
@@ -40,93 +40,18 @@ from speechbrain_meta.adaptation import (
     adaptation_curve,
     budget_subset,
     extend_vocabulary,
-    load_init_parameters,
     without_unusable_audio,
 )
-from speechbrain_meta.protocol import budget_label, write_results
-from train import (
+from speechbrain_meta.asr import (
     ASR,
     add_pipelines,
-    experiment,
-    read_manifests,
-    run_script,
-    special_labels,
+    load_initialisation,
+    target_datasets,
 )
+from speechbrain_meta.experiment import experiment, run_script
+from speechbrain_meta.protocol import budget_label, write_results
 
 logger = logging.getLogger(__name__)
-
-
-def load_initialisation(hparams: dict):
-    """Load the initialisation's parameters; return its character encoder.
-
-    Arguments
-    ---------
-    hparams : dict
-        The loaded YAML (``init_checkpoint``, ``init_min_key``,
-        ``label_encoder_file``, ``model``).
-
-    Returns
-    -------
-    speechbrain.dataio.encoder.CTCTextEncoder
-        The encoder of the initialisation; only the special labels when a
-        random initialisation has no ``label_encoder_file``.
-    """
-    encoder = sb.dataio.encoder.CTCTextEncoder()
-    encoder_file = hparams["label_encoder_file"]
-    path = hparams["init_checkpoint"]
-    if path is not None:
-        init = load_init_parameters(hparams["model"], path, hparams["init_min_key"])
-        logger.info(f"Initialisation: {init.paramfile}")
-        encoder_file = encoder_file or init.label_encoder_file
-    else:
-        logger.info("Initialisation: random")
-    if encoder_file is None:
-        encoder.handle_special_labels(special_labels(hparams))
-    elif not os.path.isfile(encoder_file):
-        raise FileNotFoundError(
-            f"Label encoder '{encoder_file}' does not exist; set label_encoder_file."
-        )
-    else:
-        encoder.load(encoder_file)
-    return encoder
-
-
-def target_datasets(hparams: dict) -> dict:
-    """The train and test utterances of the target language.
-
-    Arguments
-    ---------
-    hparams : dict
-        The loaded YAML (manifests, ``task_key``, ``target``,
-        ``max_duration``).
-
-    Returns
-    -------
-    dict
-        ``train`` and ``test`` DynamicItemDatasets.
-
-    Raises
-    ------
-    ValueError
-        If the target has no utterance in one of the two manifests.
-    """
-    manifests = read_manifests(hparams)
-    key, target = hparams["task_key"], str(hparams["target"])
-    datasets = {}
-    for split in ("train", "test"):
-        data = manifests[split]
-        datasets[split] = data.filtered_sorted(
-            key_test={key: lambda task: task == target},
-            key_max_value={"duration": hparams["max_duration"]},
-        )
-        if len(datasets[split]) == 0:
-            tasks = sorted({data.data[i][key] for i in data.data_ids})
-            raise ValueError(
-                f"Target '{target}' has no utterances of at most "
-                f"{hparams['max_duration']} s in {hparams[f'{split}_csv']} "
-                f"(its '{key}' values: {tasks})."
-            )
-    return datasets
 
 
 def adapt(hparams: dict, run_opts: dict) -> list:
@@ -219,7 +144,7 @@ def main(argv: list) -> list:
     list of dict
         The curve points (see :func:`adapt`).
     """
-    with experiment(argv) as (hparams, run_opts):
+    with experiment(argv, script=__file__) as (hparams, run_opts):
         return adapt(hparams, run_opts)
 
 

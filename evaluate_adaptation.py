@@ -2,7 +2,8 @@
 """The adaptation protocol from one command: data, initialisations, curves, report.
 
 Reads a protocol YAML (``hparams/protocol_demo.yaml``, ``protocol_full.yaml``)
-and runs its stages in order, each in its own folder under ``output_folder``:
+and runs its stages in order, each a subprocess into its own folder under
+``output_folder`` (:mod:`speechbrain_meta.stages`):
 
 1. data preparation (the YAML's ``data_preparation`` functions);
 2. every initialisation given by a training YAML, in order: ``train.py``
@@ -17,192 +18,45 @@ and runs its stages in order, each in its own folder under ``output_folder``:
 4. ``adaptation.csv`` (``init, target, budget, step, cer, wer``), ``report.md``
    and ``cer_<target>.png`` in ``output_folder``.
 
-A stage whose folder records that it finished with the same command line,
-YAML file content and input checkpoints is skipped, so a rerun reuses the
-finished stages (an interrupted training resumes from its checkpoint); change
-an option, the YAML or a checkpoint it starts from and that stage runs again
-from scratch, in a fresh folder: the finished one is moved aside to
-``<folder>.replaced-<time>``, never deleted.
+A stage that finished with the same resolved hyperparameters, run options and
+input checkpoints is skipped, so a rerun reuses the finished stages; an
+interrupted one resumes from its checkpoints; one whose settings changed runs
+again in a fresh folder, the old one moved aside to
+``<folder>.replaced-<time>``, never deleted. Under ``torchrun`` every rank runs
+the training stages together (DDP); data preparation, adaptation and the
+report run on the main process.
 
 Example
 -------
 python evaluate_adaptation.py hparams/protocol_demo.yaml
 python evaluate_adaptation.py hparams/protocol_full.yaml --output_folder results/full
+torchrun --nproc_per_node 2 evaluate_adaptation.py hparams/protocol_demo.yaml
 
 Authors
 -------
 speechbrain-meta developers
 """
 
-import hashlib
-import json
-import logging
 import os
 import sys
-import time
-from typing import Optional
 
-import speechbrain as sb
-import torch
-
-import adapt
-import train
-from speechbrain_meta.adaptation import find_init_checkpoint
+from speechbrain_meta.errors import SetupError
+from speechbrain_meta.experiment import experiment, run_script
 from speechbrain_meta.protocol import (
-    STAGE_RECORD,
     budget_label,
-    mark_stage_done,
+    init_parameters,
     plot_curves,
     read_results,
+    reference_encoder,
     report_markdown,
-    stage_done,
     write_results,
 )
+from speechbrain_meta.run_lock import is_main_rank
+from speechbrain_meta.stages import option_args, run_option_args, run_stage
 
-logger = logging.getLogger(__name__)
-
-
-def option_args(options: dict) -> list:
-    """YAML overrides as command-line arguments (values written as JSON).
-
-    Arguments
-    ---------
-    options : dict
-        Keys and values.
-
-    Returns
-    -------
-    list of str
-        ``["--key", "value", ...]``.
-    """
-    return [arg for k, v in options.items() for arg in (f"--{k}", json.dumps(v))]
-
-
-def run_option_args(run_opts) -> list:
-    """The SpeechBrain run options given on the command line, as arguments."""
-    args = []
-    for name in sorted(run_opts.overridden_args):
-        value = getattr(run_opts, name)
-        if value is True:
-            args.append(f"--{name}")
-        elif value not in (False, None):
-            args.append(f"--{name}={value}")
-    return args
-
-
-def file_digest(path: str) -> str:
-    """The SHA-256 of a file's content."""
-    with open(path, "rb") as stream:
-        return hashlib.sha256(stream.read()).hexdigest()
-
-
-def run_stage(name: str, folder: str, script, argv: list, inputs=()) -> None:
-    """Run ``script.main(argv)`` unless ``folder`` records it as done.
-
-    Done means: finished before with the same command line, the same content
-    of its YAML file (``argv[0]``) and of its input files. A stage that
-    finished with other settings is stale: its folder is moved aside to
-    ``<folder>.replaced-<time>`` (never deleted) and it runs afresh; one that
-    did not finish resumes from its checkpoints.
-
-    Arguments
-    ---------
-    name : str
-        What the stage is, for the log.
-    folder : str
-        The stage's output folder.
-    script : module
-        ``train`` or ``adapt``.
-    argv : list of str
-        Its command line.
-    inputs : sequence of str
-        Files the stage reads besides its YAML (checkpoints, encoders).
-    """
-    settings = {
-        "script": script.__name__,
-        "argv": argv,
-        "yaml_sha256": file_digest(argv[0]),
-        "inputs_sha256": {path: file_digest(path) for path in inputs if path},
-    }
-    if stage_done(folder, settings):
-        logger.info(f"{name}: done before, reusing {folder}")
-        return
-    if os.path.isfile(os.path.join(folder, STAGE_RECORD)):
-        aside = f"{folder}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-        logger.info(
-            f"{name}: its settings or inputs changed, starting afresh; the "
-            f"finished run is moved to {aside}"
-        )
-        os.rename(folder, aside)
-    logger.info(f"{name}: python {script.__name__}.py {' '.join(argv)}")
-    start = time.time()
-    script.main(argv)
-    mark_stage_done(folder, settings, seconds=time.time() - start)
-
-
-def init_parameters(options: dict, key: str) -> Optional[str]:
-    """The parameter file a stage starts from (None: none).
-
-    Arguments
-    ---------
-    options : dict
-        The stage's YAML overrides.
-    key : str
-        The one naming the initialisation (``init_from``, ``init_checkpoint``);
-        ``init_min_key`` picks the checkpoint as the stage itself does.
-
-    Returns
-    -------
-    str or None
-        The ``model.ckpt`` it loads.
-    """
-    path = options.get(key)
-    if path is None:
-        return None
-    return find_init_checkpoint(
-        path, min_key=options.get("init_min_key", "CER")
-    ).paramfile
-
-
-def reference_encoder(checkpoints: dict) -> Optional[str]:
-    """The label encoder of the first init with a checkpoint; all must agree.
-
-    Arguments
-    ---------
-    checkpoints : dict
-        Init name -> checkpoint path (see ``adapt.py``), None if random.
-
-    Returns
-    -------
-    str or None
-        The ``label_encoder.txt`` that every adaptation uses (None if every
-        init is random).
-
-    Raises
-    ------
-    ValueError
-        If two initialisations have different character encoders.
-    """
-    files = {
-        name: find_init_checkpoint(path).label_encoder_file
-        for name, path in checkpoints.items()
-        if path is not None
-    }
-    if not files:
-        return None
-    mappings = {
-        name: sb.dataio.encoder.CTCTextEncoder.from_saved(path).lab2ind
-        for name, path in files.items()
-    }
-    first = next(iter(files))
-    for name, mapping in mappings.items():
-        if mapping != mappings[first]:
-            raise ValueError(
-                f"The initialisations '{first}' and '{name}' have different "
-                f"character encoders ({files[first]}, {files[name]}): train them "
-                "on the same source data so that their results are comparable."
-            )
-    return files[first]
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRAIN = os.path.join(HERE, "train.py")
+ADAPT = os.path.join(HERE, "adapt.py")
 
 
 def main(argv: list) -> dict:
@@ -219,7 +73,8 @@ def main(argv: list) -> dict:
     dict
         ``csv``, ``report`` and ``plots`` paths.
     """
-    with train.experiment(argv) as (hparams, run_opts):
+    # No process group here: the training stages under torchrun make their own.
+    with experiment(argv, script=__file__, distributed=False) as (hparams, run_opts):
         return run_protocol(hparams, run_opts)
 
 
@@ -236,20 +91,21 @@ def run_protocol(hparams: dict, run_opts) -> dict:
     Returns
     -------
     dict
-        ``csv``, ``report`` and ``plots`` paths.
+        ``csv``, ``report`` and ``plots`` paths (empty on the other ranks of
+        a ``torchrun`` launch).
     """
     out = hparams["output_folder"]
     passed_on = run_option_args(run_opts)
-    if hparams.get("num_threads"):
-        torch.set_num_threads(hparams["num_threads"])
-
+    if hparams.get("num_threads"):  # read by torch in every stage's process
+        os.environ["OMP_NUM_THREADS"] = str(hparams["num_threads"])
     adapted = hparams.get("adapted_inits") or list(hparams["inits"])
     unknown = set(adapted) - set(hparams["inits"])
     if unknown:
-        raise ValueError(f"adapted_inits {sorted(unknown)} are not in inits.")
+        raise SetupError(f"adapted_inits {sorted(unknown)} are not in inits.")
 
-    for prepare in hparams["data_preparation"]:
-        prepare()
+    if is_main_rank():
+        for prepare in hparams["data_preparation"]:
+            prepare()
 
     checkpoints = {}
     for init, source in hparams["inits"].items():
@@ -257,15 +113,16 @@ def run_protocol(hparams: dict, run_opts) -> dict:
             checkpoints[init] = source
             continue
         folder = os.path.join(out, "train", init)
-        args = [source, "--output_folder", folder, *passed_on]
         options = {
             **hparams["train_overrides"],
             **hparams.get("init_overrides", {}).get(init, {}),
         }
-        args += option_args(options)
+        args = [source, "--output_folder", folder, *passed_on, *option_args(options)]
         inputs = [init_parameters(options, "init_from")]
-        run_stage(f"Training {init}", folder, train, args, inputs)
+        run_stage(f"Training {init}", folder, TRAIN, args, inputs, distributed=True)
         checkpoints[init] = folder
+    if not is_main_rank():
+        return {}
     checkpoints = {init: checkpoints[init] for init in adapted}
     encoder_file = reference_encoder(checkpoints)
 
@@ -296,7 +153,7 @@ def run_protocol(hparams: dict, run_opts) -> dict:
         args += option_args(options)
         name = f"Adaptation {number}/{len(runs)} ({init} -> {target}, {label})"
         inputs = [init_parameters(options, "init_checkpoint"), encoder_file]
-        run_stage(name, folder, adapt, args, inputs)
+        run_stage(name, folder, ADAPT, args, inputs)
         rows += read_results(os.path.join(folder, "curve.csv"))
 
     outputs = {
@@ -316,4 +173,4 @@ def run_protocol(hparams: dict, run_opts) -> dict:
 
 
 if __name__ == "__main__":
-    train.run_script(main, sys.argv[1:])
+    run_script(main, sys.argv[1:])

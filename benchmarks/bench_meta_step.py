@@ -53,10 +53,10 @@ from typing import Callable, Dict, Hashable, List, NamedTuple, Optional, Tuple
 import speechbrain as sb
 import torch
 import yaml
-from hyperpyyaml import load_hyperpyyaml
 
 from speechbrain_meta import MAML, MultiTask, Reptile
 from speechbrain_meta.ctc import ctc_loss_differentiable
+from speechbrain_meta.hparams import load_hparams
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -68,7 +68,7 @@ from benchmarks.bench_ctc import (  # noqa: E402
     synchronize,
 )
 from recipes.embedded_corpus.prepare import prepare_embedded_corpus  # noqa: E402
-from train import ASR, dataio_prepare  # noqa: E402
+from speechbrain_meta.asr import ASR, dataio_prepare  # noqa: E402
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "multitask")
 DEFAULT_HPARAMS = [
@@ -110,7 +110,7 @@ def parse_spec(spec: str) -> Tuple[str, dict]:
     return path, overrides
 
 
-def load_hparams(spec: str, args, output_folder: str) -> dict:
+def benchmark_hparams(spec: str, args, output_folder: str) -> dict:
     """The YAML's hyperparameters with the benchmark's episode and folders."""
     path, overrides = parse_spec(spec)
     overrides.update(
@@ -123,8 +123,7 @@ def load_hparams(spec: str, args, output_folder: str) -> dict:
         query_size=args.query,
         size_unit="utterances",
     )
-    with open(path, encoding="utf-8") as stream:
-        hparams = load_hyperpyyaml(stream, overrides)
+    hparams = load_hparams(path, overrides)
     hparams.pop("speed_perturb", None)
     return hparams
 
@@ -255,7 +254,7 @@ def model_runs(model: str, loaded: List[Tuple[str, dict]], args, folder: str):
         episode = first_episode(brain, hparams, train_data, args.device)
         if first is None:
             first = brain, episode
-            plain_hparams = load_hparams(spec, args, folder)
+            plain_hparams = benchmark_hparams(spec, args, folder)
             plain_brain, _ = build_brain(plain_hparams, sb.Brain, args.device)
         elif repr(brain.modules) != repr(first[0].modules):
             raise ValueError(f"{spec} has another {model} model than {loaded[0][0]}.")
@@ -585,7 +584,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         models: Dict[str, List[Tuple[str, dict]]] = {}
         for index, spec in enumerate(args.hparams):
-            hparams = load_hparams(spec, args, os.path.join(folder, str(index)))
+            hparams = benchmark_hparams(spec, args, os.path.join(folder, str(index)))
             models.setdefault(model_name(spec, hparams), []).append((spec, hparams))
         for index, (model, loaded) in enumerate(models.items()):
             plain_folder = os.path.join(folder, f"plain{index}")

@@ -6,8 +6,9 @@ per curve point with the columns of :data:`RESULT_FIELDS`. This module reads
 and writes those rows (:func:`write_results`, :func:`read_results`), turns
 them into a Markdown report (:func:`report_markdown`) and PNG plots of CER
 against adaptation steps (:func:`plot_curves`), and records which stages of
-a protocol run are finished (:func:`stage_done`, :func:`mark_stage_done`)
-so that a rerun reuses them.
+the protocol's initialisations start from: their parameter files
+(:func:`init_parameters`) and the one character encoder they share
+(:func:`reference_encoder`).
 
 Example
 -------
@@ -25,30 +26,31 @@ True
 """
 
 import csv
-import json
 import os
 import re
 from collections import defaultdict
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from speechbrain_meta.adaptation import BUDGET_UNITS
+import speechbrain as sb
+
+from speechbrain_meta.adaptation import BUDGET_UNITS, find_init_checkpoint
+from speechbrain_meta.errors import SetupError
 
 __all__ = [
     "RESULT_FIELDS",
     "budget_label",
     "final_points",
-    "mark_stage_done",
+    "init_parameters",
     "plot_curves",
     "read_results",
+    "reference_encoder",
     "report_markdown",
-    "stage_done",
     "write_results",
 ]
 
 RESULT_FIELDS = ("init", "target", "budget", "step", "cer", "wer")
 _UNIT_SUFFIX = dict(zip(BUDGET_UNITS, ("min", "utt")))
 _LABEL = re.compile(r"^(\d+(?:\.\d+)?)(min|utt)$")
-STAGE_RECORD = "stage.json"
 
 
 def budget_label(value: float, unit: str) -> str:
@@ -336,51 +338,66 @@ def _step(row: dict) -> int:
     return row["step"]
 
 
-def stage_done(folder: str, settings: dict) -> bool:
-    """Whether a stage finished in ``folder`` with exactly these settings.
+def init_parameters(options: dict, key: str) -> Optional[str]:
+    """The parameter file a stage starts from (None: none).
 
     Arguments
     ---------
-    folder : str
-        The stage's output folder.
-    settings : dict
-        JSON-serialisable description of the stage (command, options).
+    options : dict
+        The stage's YAML overrides.
+    key : str
+        The one naming the initialisation (``init_from``, ``init_checkpoint``);
+        ``init_min_key`` picks the checkpoint as the stage itself does.
 
     Returns
     -------
-    bool
-        True if :func:`mark_stage_done` recorded the same settings there.
-
-    Example
-    -------
-    >>> import tempfile
-    >>> folder = tempfile.mkdtemp()
-    >>> stage_done(folder, {"steps": 10})
-    False
-    >>> mark_stage_done(folder, {"steps": 10}, seconds=3.5)
-    >>> stage_done(folder, {"steps": 10}), stage_done(folder, {"steps": 20})
-    (True, False)
+    str or None
+        The ``model.ckpt`` it loads.
     """
-    record = os.path.join(folder, STAGE_RECORD)
-    if not os.path.isfile(record):
-        return False
-    with open(record, encoding="utf-8") as stream:
-        return json.load(stream)["settings"] == json.loads(json.dumps(settings))
+    path = options.get(key)
+    if path is None:
+        return None
+    return find_init_checkpoint(
+        path, min_key=options.get("init_min_key", "CER")
+    ).paramfile
 
 
-def mark_stage_done(folder: str, settings: dict, seconds: float) -> None:
-    """Record that the stage in ``folder`` finished with ``settings``.
+def reference_encoder(checkpoints: dict) -> Optional[str]:
+    """The label encoder of the first init with a checkpoint; all must agree.
 
     Arguments
     ---------
-    folder : str
-        The stage's output folder (created).
-    settings : dict
-        JSON-serialisable description of the stage.
-    seconds : float
-        How long it took (kept for the record).
+    checkpoints : dict
+        Init name -> checkpoint path (see ``adapt.py``), None if random.
+
+    Returns
+    -------
+    str or None
+        The ``label_encoder.txt`` that every adaptation uses (None if every
+        init is random).
+
+    Raises
+    ------
+    speechbrain_meta.errors.SetupError
+        If two initialisations have different character encoders.
     """
-    os.makedirs(folder, exist_ok=True)
-    record = {"settings": settings, "seconds": round(seconds, 1)}
-    with open(os.path.join(folder, STAGE_RECORD), "w", encoding="utf-8") as stream:
-        json.dump(record, stream, indent=2, sort_keys=True)
+    files = {
+        name: find_init_checkpoint(path).label_encoder_file
+        for name, path in checkpoints.items()
+        if path is not None
+    }
+    if not files:
+        return None
+    mappings = {
+        name: sb.dataio.encoder.CTCTextEncoder.from_saved(path).lab2ind
+        for name, path in files.items()
+    }
+    first = next(iter(files))
+    for name, mapping in mappings.items():
+        if mapping != mappings[first]:
+            raise SetupError(
+                f"The initialisations '{first}' and '{name}' have different "
+                f"character encoders ({files[first]}, {files[name]}): train them "
+                "on the same source data so that their results are comparable."
+            )
+    return files[first]

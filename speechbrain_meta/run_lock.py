@@ -30,17 +30,26 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from speechbrain.utils.distributed import if_main_process
+from speechbrain.utils.distributed import get_rank
 
 from speechbrain_meta.errors import SetupError
 
-__all__ = ["LOCK_NAME", "OutputFolderInUseError", "output_folder_lock"]
+__all__ = ["LOCK_NAME", "OutputFolderInUseError", "is_main_rank", "output_folder_lock"]
 
 LOCK_NAME = "run.lock"
 
 
 class OutputFolderInUseError(SetupError):
     """Another run is writing into the same output folder."""
+
+
+def is_main_rank() -> bool:
+    """Whether this process is the main one: rank 0 of a launch, or alone.
+
+    Read from the launcher's environment (``RANK``...), so that it also holds
+    in a process that joined no process group (a protocol under torchrun).
+    """
+    return get_rank() in (None, 0)
 
 
 @contextmanager
@@ -62,7 +71,7 @@ def output_folder_lock(folder: str) -> Iterator[None]:
     OutputFolderInUseError
         If another process holds the lock.
     """
-    if not if_main_process():
+    if not is_main_rank():
         yield
         return
     os.makedirs(folder, exist_ok=True)

@@ -6,7 +6,6 @@ import matplotlib.image
 import pytest
 import speechbrain as sb
 import torch
-from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.encoder import CTCTextEncoder
 
 import adapt
@@ -16,8 +15,9 @@ from speechbrain_meta.adaptation import (
     find_init_checkpoint,
     select_budget,
 )
+from speechbrain_meta.asr import dataio_prepare, warm_start
+from speechbrain_meta.hparams import load_hparams
 from speechbrain_meta.protocol import RESULT_FIELDS, read_results
-from train import dataio_prepare, warm_start
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADAPT_YAML = os.path.join(REPO, "hparams", "adapt_ctc.yaml")
@@ -32,10 +32,9 @@ def init_run(tiny_corpus, tmp_path_factory):
     from the random initialisation of the adaptation YAML.
     """
     folder = str(tmp_path_factory.mktemp("init_run"))
-    with open(TRAIN_YAML, encoding="utf-8") as stream:
-        hparams = load_hyperpyyaml(
-            stream, {"data_folder": tiny_corpus["data_folder"], "output_folder": folder}
-        )
+    hparams = load_hparams(
+        TRAIN_YAML, {"data_folder": tiny_corpus["data_folder"], "output_folder": folder}
+    )
     dataio_prepare(hparams)
     hparams["checkpointer"].save_checkpoint(meta={"CER": 90.0})
     with torch.no_grad():
@@ -110,15 +109,14 @@ def test_the_adapted_model_is_saved_and_warm_starts_a_training(
     assert f"CER: {curve[-1]['cer']}" in meta
 
     warm = tmp_path / "warm"
-    with open(TRAIN_YAML, encoding="utf-8") as stream:
-        hparams = load_hyperpyyaml(
-            stream,
-            {
-                "data_folder": tiny_corpus["data_folder"],
-                "output_folder": str(warm),
-                "init_from": str(out),
-            },
-        )
+    hparams = load_hparams(
+        TRAIN_YAML,
+        {
+            "data_folder": tiny_corpus["data_folder"],
+            "output_folder": str(warm),
+            "init_from": str(out),
+        },
+    )
     warm_start(hparams)
     for name, value in hparams["model"].state_dict().items():
         assert torch.equal(value, adapted[name]), name

@@ -7,40 +7,46 @@ from pathlib import Path
 import pytest
 import speechbrain as sb
 import torch
-from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.batch import PaddedBatch
 from torch.autograd.function import once_differentiable
 
 from speechbrain_meta import FOMAML, MAML, MetaBatch, Task
+from speechbrain_meta.asr import ASR, dataio_prepare
+from speechbrain_meta.hparams import load_hparams
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from test_recipe import run_train  # noqa: E402
 
-import train  # noqa: E402
-
 ALGORITHMS = ("maml", "fomaml", "reptile", "multitask")
 FAMILIES = ("transformer", "rnn")
 # A model small enough for exact float64 checks and fast decoding.
 TINY_MODEL = {
     "n_mels": 8,
-    "front_end_channels": 4,
-    "d_model": 8,
-    "nhead": 2,
-    "num_encoder_layers": 1,
-    "num_decoder_layers": 1,
-    "d_ffn": 16,
-    "cnn_channels": 8,
-    "rnn_size": 6,
-    "rnn_layers": 1,
-    "emb_size": 5,
-    "dec_neurons": 7,
-    "attn_dim": 6,
     "output_neurons": 12,
-    "transformer_dropout": 0.0,
-    "dropout": 0.0,
     "speed_perturb": None,
+}
+TINY_FAMILY = {
+    "transformer": {
+        "front_end_channels": 4,
+        "d_model": 8,
+        "nhead": 2,
+        "num_encoder_layers": 1,
+        "num_decoder_layers": 1,
+        "d_ffn": 16,
+        "transformer_dropout": 0.0,
+    },
+    "rnn": {
+        "cnn_channels": 8,
+        "rnn_size": 6,
+        "rnn_layers": 1,
+        "emb_size": 5,
+        "dec_neurons": 7,
+        "attn_dim": 6,
+        "attn_type": "content",
+        "dropout": 0.0,
+    },
 }
 
 
@@ -51,9 +57,8 @@ def yaml_path(algorithm: str) -> Path:
 def make_brain(tmp_path, algorithm="maml", **overrides) -> sb.Brain:
     """The Brain that train.py builds from an attention YAML."""
     overrides = {"output_folder": str(tmp_path), **overrides}
-    with open(yaml_path(algorithm), encoding="utf-8") as fin:
-        hparams = load_hyperpyyaml(fin, overrides)
-    brain_class = type("ASRBrain", (train.ASR, hparams["brain_class"]), {})
+    hparams = load_hparams(str(yaml_path(algorithm)), overrides)
+    brain_class = type("ASRBrain", (ASR, hparams["brain_class"]), {})
     return brain_class(
         modules=hparams["modules"],
         opt_class=hparams["opt_class"],
@@ -147,8 +152,8 @@ def tiny_brain(tmp_path, decoder_type, **overrides):
         tmp_path,
         "maml",
         decoder_type=decoder_type,
-        attn_type="content",
         **TINY_MODEL,
+        **TINY_FAMILY[decoder_type],
         **overrides,
     )
 
@@ -290,7 +295,7 @@ def test_short_maml_training_lowers_the_joint_loss(tiny_corpus, tmp_path):
         meta_lr=0.003,
         **SMALL_MODEL,
     )
-    datasets, brain.tokenizer = train.dataio_prepare(vars(brain.hparams))
+    datasets, brain.tokenizer = dataio_prepare(vars(brain.hparams))
     brain.init_optimizers()
 
     def loader(sampler):

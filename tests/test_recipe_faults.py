@@ -17,6 +17,7 @@ import soundfile
 import torch
 
 import train
+from speechbrain_meta.asr import ASR
 from speechbrain_meta.errors import SetupError
 from speechbrain_meta.run_lock import LOCK_NAME, output_folder_lock
 
@@ -322,7 +323,7 @@ def test_a_stage_where_no_utterance_was_scored_says_why():
     import speechbrain as sb
     from speechbrain.utils.metric_stats import ErrorRateStats
 
-    recipe = train.ASR()
-    recipe.cer_metric, recipe.skipped_eval_tasks = ErrorRateStats(), 3
+    recipe = ASR()
+    recipe.cer_metric, recipe.unscored_tasks = ErrorRateStats(), 3
     with pytest.raises(RuntimeError, match="3 tasks were not scored"):
         recipe.on_stage_end(sb.Stage.VALID, float("nan"), epoch=1)

@@ -3,7 +3,7 @@
 Natural sentences from Debian text packages (fortunes, klavaro, Fish Fillets NG
 dialogues) are read by espeak-ng with several voice variants per language. The
 languages, held-out targets, sentence sources, voices and sizes are set in
-``corpus.yaml``; see README.md, "The embedded corpus".
+``corpus.yaml``; see docs/corpora.md.
 
 Outputs:
 
