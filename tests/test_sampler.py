@@ -54,6 +54,11 @@ def make_dataset(sizes=None, **extra):
     return dataset
 
 
+def one_utterance_sets(dataset, **options) -> TaskSampler:
+    """A sampler whose support and query sets are one utterance each."""
+    return TaskSampler(dataset, support_size=1, query_size=1, **options)
+
+
 def split(episode):
     """Map an episode's (slot, index) keys to {position: (support, query)}."""
     tasks = {}
@@ -181,11 +186,9 @@ def test_filtered_sorted_dataset():
 # --------------------------------------------------------------- weighting
 def test_round_robin_cycles_all_tasks_equally():
     dataset = make_dataset()
-    sampler = TaskSampler(
+    sampler = one_utterance_sets(
         dataset,
         tasks_per_batch=3,
-        support_size=1,
-        query_size=1,
         episodes_per_epoch=4,
         task_weighting="round_robin",
         reseed_each_epoch=False,
@@ -202,11 +205,9 @@ def test_round_robin_cycles_all_tasks_equally():
 
 def test_round_robin_continues_across_epochs_when_reseeding():
     dataset = make_dataset()
-    sampler = TaskSampler(
+    sampler = one_utterance_sets(
         dataset,
         tasks_per_batch=3,
-        support_size=1,
-        query_size=1,
         episodes_per_epoch=3,
         task_weighting="round_robin",
     )
@@ -244,11 +245,9 @@ SIZES = {"a": 10, "b": 20, "c": 40, "d": 80}
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_proportional_weighting_matches_size_to_one_over_temperature(temperature):
     dataset = make_dataset(SIZES)
-    sampler = TaskSampler(
+    sampler = one_utterance_sets(
         dataset,
         tasks_per_batch=1,
-        support_size=1,
-        query_size=1,
         episodes_per_epoch=4000,
         task_weighting="proportional",
         temperature=temperature,
@@ -262,11 +261,9 @@ def test_proportional_weighting_matches_size_to_one_over_temperature(temperature
 def test_proportional_without_replacement_within_an_episode():
     """With 2 tasks per episode, inclusion follows successive sampling."""
     dataset = make_dataset(SIZES)
-    sampler = TaskSampler(
+    sampler = one_utterance_sets(
         dataset,
         tasks_per_batch=2,
-        support_size=1,
-        query_size=1,
         episodes_per_epoch=3000,
         task_weighting="proportional",
     )
@@ -289,11 +286,9 @@ def test_proportional_without_replacement_within_an_episode():
 )
 def test_uniform_and_high_temperature_are_uniform(weighting, temperature):
     dataset = make_dataset(SIZES)
-    sampler = TaskSampler(
+    sampler = one_utterance_sets(
         dataset,
         tasks_per_batch=1,
-        support_size=1,
-        query_size=1,
         episodes_per_epoch=4000,
         task_weighting=weighting,
         temperature=temperature,
@@ -304,11 +299,9 @@ def test_uniform_and_high_temperature_are_uniform(weighting, temperature):
 
 def test_low_temperature_does_not_underflow():
     dataset = make_dataset(SIZES)
-    sampler = TaskSampler(
+    sampler = one_utterance_sets(
         dataset,
         tasks_per_batch=3,
-        support_size=1,
-        query_size=1,
         episodes_per_epoch=20,
         task_weighting="proportional",
         temperature=1e-3,
