@@ -52,7 +52,12 @@ from speechbrain_meta.protocol import (
     write_results,
 )
 from speechbrain_meta.run_lock import is_main_rank
-from speechbrain_meta.stages import option_args, run_option_args, run_stage
+from speechbrain_meta.stages import (
+    cpu_isa_environment,
+    option_args,
+    run_option_args,
+    run_stage,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(HERE, "train.py")
@@ -96,8 +101,11 @@ def run_protocol(hparams: dict, run_opts) -> dict:
     """
     out = hparams["output_folder"]
     passed_on = run_option_args(run_opts)
-    if hparams.get("num_threads"):  # read by torch in every stage's process
+    # Read by torch, MKL and oneDNN when every stage's process starts.
+    if hparams.get("num_threads"):
         os.environ["OMP_NUM_THREADS"] = str(hparams["num_threads"])
+    if hparams.get("cpu_isa"):
+        os.environ.update(cpu_isa_environment(hparams["cpu_isa"]))
     adapted = hparams.get("adapted_inits") or list(hparams["inits"])
     unknown = set(adapted) - set(hparams["inits"])
     if unknown:

@@ -45,11 +45,13 @@ from typing import Iterable, List, Optional
 import ruamel.yaml
 import speechbrain as sb
 
+from speechbrain_meta.errors import SetupError
 from speechbrain_meta.hparams import resolve_hparams
 from speechbrain_meta.run_lock import is_main_rank
 
 __all__ = [
     "DISTRIBUTED_ENVIRONMENT",
+    "cpu_isa_environment",
     "STAGE_RECORD",
     "file_digest",
     "hparams_digest",
@@ -77,6 +79,45 @@ DISTRIBUTED_ENVIRONMENT = (
     "MASTER_PORT",
     "TORCHELASTIC_RUN_ID",
 )
+
+
+_CPU_ISA_NAMES = {  # ATEN_CPU_CAPABILITY -> (MKL_CBWR, ONEDNN_MAX_CPU_ISA)
+    "avx2": ("AVX2", "AVX2"),
+    "avx512": ("AVX512", "AVX512_CORE"),
+}
+
+
+def cpu_isa_environment(isa: str) -> dict:
+    """The environment that makes torch, MKL and oneDNN use one instruction set.
+
+    Kernels written for different instruction sets (AVX-512, AVX2) round
+    differently, so the same run on two machines drifts apart; with the same
+    set on both, it does not. The variables are read when a process starts.
+
+    Arguments
+    ---------
+    isa : str
+        ``avx2`` or ``avx512``.
+
+    Returns
+    -------
+    dict
+        ``ATEN_CPU_CAPABILITY``, ``MKL_CBWR`` and ``ONEDNN_MAX_CPU_ISA``.
+
+    Raises
+    ------
+    speechbrain_meta.errors.SetupError
+        For another instruction set.
+
+    Example
+    -------
+    >>> cpu_isa_environment("avx2")
+    {'ATEN_CPU_CAPABILITY': 'avx2', 'MKL_CBWR': 'AVX2', 'ONEDNN_MAX_CPU_ISA': 'AVX2'}
+    """
+    if isa not in _CPU_ISA_NAMES:
+        raise SetupError(f"cpu_isa must be one of {sorted(_CPU_ISA_NAMES)} or null.")
+    mkl, onednn = _CPU_ISA_NAMES[isa]
+    return {"ATEN_CPU_CAPABILITY": isa, "MKL_CBWR": mkl, "ONEDNN_MAX_CPU_ISA": onednn}
 
 
 def option_args(options: dict) -> List[str]:

@@ -20,6 +20,8 @@ PROTOCOL = """
 seed: 1234
 title: Stages
 output_folder: {out}
+num_threads: 1
+cpu_isa: avx2
 data_preparation: []
 inits:
     trained: {train}
@@ -100,7 +102,11 @@ def test_an_interrupted_stage_with_other_settings_restarts_clean(tiny_corpus, tm
     assert stage_status(str(stage), finished["settings"]) == "finished"
 
 
-def test_a_folder_without_record_is_moved_aside_not_overwritten(tiny_corpus, tmp_path):
+def test_a_folder_without_record_is_moved_aside_not_overwritten(
+    tiny_corpus, tmp_path, monkeypatch
+):
+    for name in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
     protocol = write_protocol(tmp_path, tiny_corpus)
     stage = tmp_path / "out" / "adapt" / "cs" / "3utt" / "random"
     stage.mkdir(parents=True)
@@ -109,6 +115,9 @@ def test_a_folder_without_record_is_moved_aside_not_overwritten(tiny_corpus, tmp
     (aside,) = stage.parent.glob("random.replaced-*")
     assert (aside / "notes.txt").read_text() == "mine"
     assert (stage / "curve.csv").is_file()
+    # The stages ran with the protocol's cpu_isa, which they inherit.
+    assert os.environ["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX2"
 
 
 def test_the_protocol_runs_under_torchrun(tiny_corpus, tmp_path):
