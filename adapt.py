@@ -48,6 +48,7 @@ from speechbrain_meta.asr import (
     load_initialisation,
     target_datasets,
 )
+from speechbrain_meta.checkpoints import nonfinite_tensors
 from speechbrain_meta.experiment import experiment, run_script
 from speechbrain_meta.protocol import budget_label, write_results
 
@@ -122,6 +123,12 @@ def adapt(hparams: dict, run_opts: dict) -> list:
     rows = [{**names, **point} for point in curve]
     write_results(rows, os.path.join(hparams["output_folder"], "curve.csv"))
     last = curve[-1]
+    broken = nonfinite_tensors(hparams["model"])
+    if broken:
+        raise RuntimeError(
+            f"The adapted model is not finite ({sorted(broken)[:5]}); it is not "
+            "saved: lower lr, or use --optimizer adam."
+        )
     sb.utils.checkpoints.Checkpointer(
         hparams["save_folder"], {"model": hparams["model"]}
     ).save_checkpoint(

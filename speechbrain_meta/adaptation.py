@@ -597,6 +597,7 @@ def adaptation_curve(
     batches = _batches(train_set, seed, train_loader_kwargs or {})
     counter = getattr(getattr(brain, "hparams", None), "epoch_counter", None)
     brain.on_fit_start()
+    brain.nonfinite_count = 0  # what Brain.fit sets: check_loss_isfinite counts
     curve, taken = [], 0
     with tqdm(total=steps[-1], disable=not progressbar, dynamic_ncols=True) as bar:
         for point, target_step in enumerate(steps, start=1):

@@ -125,6 +125,23 @@ def test_the_adapted_model_is_saved_and_warm_starts_a_training(
     ).read_text()
 
 
+@pytest.mark.parametrize(
+    ("patience", "message"),
+    [(3, "Loss is not finite"), (10000, "adapted model is not finite")],
+)
+def test_a_diverged_adaptation_is_not_saved(
+    init_run, tiny_corpus, tmp_path, patience, message
+):
+    """Stopped by SpeechBrain's nonfinite_patience, or else before saving."""
+    out = tmp_path / "diverged"
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        run_adapt(
+            tiny_corpus, out, init_checkpoint=init_run, optimizer="sgd", lr=1e30,
+            nonfinite_patience=patience,
+        )  # fmt: skip
+    assert not list(out.glob("save/CKPT+*"))
+
+
 @pytest.mark.parametrize("rows", [128, None])
 @pytest.mark.parametrize("kind", ["linear", "embedding"])
 def test_vocabulary_extension_keeps_the_old_rows(rows, kind):
