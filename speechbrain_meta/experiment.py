@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from datetime import date
 from typing import Callable, Iterator, Optional, Tuple
 
+import ruamel.yaml
 import speechbrain as sb
 from speechbrain.core import DEFAULT_LOG_CONFIG
 
@@ -69,6 +70,7 @@ def experiment(
         The loaded hparams (dict) and the run options, while the lock is held.
     """
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    _refuse_abbreviated_options(argv, run_opts, overrides)
     if distributed:
         sb.utils.distributed.ddp_init_group(run_opts)
     hparams = load_hparams(hparams_file, overrides)
@@ -77,6 +79,34 @@ def experiment(
         if is_main_rank():
             _write_experiment_files(folder, hparams_file, overrides, script)
         yield hparams, run_opts
+
+
+def _refuse_abbreviated_options(argv: list, run_opts, overrides: str) -> None:
+    """Refuse an option that SpeechBrain took for one of its run options.
+
+    SpeechBrain's parser accepts abbreviations, so a YAML key that begins one
+    of its run options (``--optimizer`` of ``--optimizer_step_limit``) is
+    silently read as that run option instead of overriding the key.
+
+    Raises
+    ------
+    speechbrain_meta.errors.SetupError
+        Naming the option and the run option it was read as.
+    """
+    keys = set(ruamel.yaml.YAML().load(overrides) or {}) if overrides else set()
+    for token in argv[1:]:
+        if not token.startswith("--"):
+            continue
+        name = token[2:].split("=", 1)[0]
+        if name in keys or name in run_opts:
+            continue
+        taken = sorted(option for option in run_opts if option.startswith(name))
+        if taken:
+            raise SetupError(
+                f"--{name} is not a key of {argv[0]}: SpeechBrain read it as its "
+                f"run option --{taken[0]}. Give a key of the YAML, or the run "
+                "option's full name."
+            )
 
 
 def _write_experiment_files(

@@ -145,9 +145,10 @@ def test_skip_bad_rows_trains_without_them(tiny_corpus, tmp_path):
         (["--max_grad_norm", "-1"], "max_grad_norm must be > 0"),
         (["--brain_class", "!name:speechbrain.Brain"], "brain_class must be"),
         (["--support_size", "6"], "drop_small_tasks: True"),
+        (["--optimizer", "sgd"], "read it as its run option --optimizer_step_limit"),
     ],
     ids=["task_key", "source_tasks", "inner_lr", "inner_steps", "max_grad_norm",
-         "brain_class", "small_tasks"],
+         "brain_class", "small_tasks", "abbreviated_run_option"],
 )  # fmt: skip
 def test_bad_configuration_is_a_setup_error_naming_it(
     tiny_corpus, tmp_path, options, expected
