@@ -33,13 +33,16 @@ speechbrain-meta developers
 import logging
 import os
 import sys
+from functools import partial
 
 import speechbrain as sb
+import torch
 
 from speechbrain_meta.adaptation import (
     adaptation_curve,
     budget_subset,
     extend_vocabulary,
+    find_init_checkpoint,
     without_unusable_audio,
 )
 from speechbrain_meta.asr import (
@@ -49,10 +52,59 @@ from speechbrain_meta.asr import (
     target_datasets,
 )
 from speechbrain_meta.checkpoints import nonfinite_tensors
+from speechbrain_meta.errors import SetupError
 from speechbrain_meta.experiment import experiment, run_script
+from speechbrain_meta.inner_rates import InnerRates, LearntRateSGD
+from speechbrain_meta.parameters import set_trainable
 from speechbrain_meta.protocol import budget_label, write_results
 
 logger = logging.getLogger(__name__)
+
+
+def fine_tuning_optimizer(hparams: dict):
+    """The optimizer class of the fine-tuning, after choosing what adapts.
+
+    ``inner_params`` selects the weights that adapt (the others are frozen).
+    With ``adapt_optimizer: learnt`` those are the weights whose inner rates the
+    initialisation meta-learnt, adapted by :class:`LearntRateSGD` with them.
+
+    Arguments
+    ---------
+    hparams : dict
+        The loaded adaptation YAML.
+
+    Returns
+    -------
+    callable
+        ``opt_class(parameters) -> torch.optim.Optimizer``.
+
+    Raises
+    ------
+    speechbrain_meta.errors.SetupError
+        For ``adapt_optimizer: learnt`` with an initialisation without learnt rates.
+    """
+    modules = torch.nn.ModuleDict(hparams["modules"])
+    if hparams["adapt_optimizer"] != "learnt":
+        set_trainable(modules, hparams["inner_params"], "inner_params")
+        return hparams["opt_class"]
+    path = hparams["init_checkpoint"]
+    if path is None:
+        raise SetupError(
+            "adapt_optimizer: learnt needs an init_checkpoint with learnt rates."
+        )
+    paramfile = find_init_checkpoint(path, min_key=hparams["init_min_key"]).paramfile
+    rates_file = os.path.join(os.path.dirname(paramfile), "inner_rates.ckpt")
+    if not os.path.isfile(rates_file):
+        raise SetupError(
+            f"adapt_optimizer: learnt, but {os.path.dirname(paramfile)} has no learnt "
+            "inner rates (train it with --learn_inner_lr tensor, element or "
+            "layer_step)."
+        )
+    rates = InnerRates.from_file(rates_file)
+    logger.info(f"Adapting {len(rates.names)} weights with the rates of {rates_file}")
+    set_trainable(modules, rates.names, "the learnt rates' weights")
+    names = {id(p): name for name, p in modules.named_parameters()}
+    return partial(LearntRateSGD, names=names, rates=rates)
 
 
 def adapt(hparams: dict, run_opts: dict) -> list:
@@ -96,7 +148,7 @@ def adapt(hparams: dict, run_opts: dict) -> list:
 
     brain = type("AdaptBrain", (ASR, sb.Brain), {})(
         modules=hparams["modules"],
-        opt_class=hparams["opt_class"],
+        opt_class=fine_tuning_optimizer(hparams),
         hparams=hparams,
         run_opts=run_opts,
     )
@@ -127,7 +179,7 @@ def adapt(hparams: dict, run_opts: dict) -> list:
     if broken:
         raise RuntimeError(
             f"The adapted model is not finite ({sorted(broken)[:5]}); it is not "
-            "saved: lower lr, or use --optimizer adam."
+            "saved: lower lr, or use --adapt_optimizer adam."
         )
     sb.utils.checkpoints.Checkpointer(
         hparams["save_folder"], {"model": hparams["model"]}

@@ -50,7 +50,10 @@ def meta_train(hparams: dict, run_opts: dict) -> None:
             f"FOMAML, Reptile or MultiTask), got {brain_class!r}: write it as "
             "brain_class: !name:speechbrain_meta.MAML."
         )
-    # Built first: its settings are checked before any data is touched.
+    # The initialisation and the adapters are in place before the Brain picks
+    # the fast weights and meta-parameters; it checks its settings before any
+    # data is touched.
+    warm_start(hparams)
     asr_brain = type("ASRBrain", (ASR, brain_class), {})(
         modules=hparams["modules"],
         opt_class=hparams["opt_class"],
@@ -67,7 +70,6 @@ def meta_train(hparams: dict, run_opts: dict) -> None:
                 "seed": hparams["seed"],
             },
         )
-    warm_start(hparams)
     datasets, asr_brain.tokenizer = dataio_prepare(hparams)
     # All three built before training: a set too small fails now, not after it.
     samplers = {

@@ -23,7 +23,7 @@ theta (``episode_loss``).
 import logging
 from contextlib import nullcontext
 from functools import partial
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -107,8 +107,42 @@ class MAML(MetaBrain):
             return True
         return self.optimizer_step < int(self._hparam("first_order_steps", 0))
 
+    def multi_step_weights(self) -> Optional[List[float]]:
+        """The weights of the query losses after each inner step, or None.
+
+        MAML++'s multi-step loss (Antoniou et al., 2019), with YAML
+        ``msl_steps: N`` > 0: the query loss is taken after every inner step,
+        the earlier ones weighing ``(1 - t / N) / k`` at meta-step ``t`` and
+        the last one the rest, so that after ``N`` meta-steps only the last
+        one counts (as in plain MAML).
+
+        Returns
+        -------
+        list of float or None
+            One weight per inner step, summing to 1; None without ``msl_steps``.
+
+        Example
+        -------
+        >>> brain = MAML({"lin": torch.nn.Linear(1, 1)},
+        ...              hparams={"inner_steps": 4, "msl_steps": 10})
+        >>> brain.multi_step_weights()
+        [0.25, 0.25, 0.25, 0.25]
+        >>> brain.optimizer_step = 5
+        >>> brain.multi_step_weights()
+        [0.125, 0.125, 0.125, 0.625]
+        """
+        total = int(self._hparam("msl_steps", 0))
+        if total <= 0:
+            return None
+        k = self.inner_steps
+        earlier = max(0.0, 1 - self.optimizer_step / total) / k
+        return [earlier] * (k - 1) + [1 - earlier * (k - 1)]
+
     def task_step(self, task) -> Optional[Tuple[torch.Tensor, Tensors]]:
         """Back-propagate the query loss after adaptation to theta.
+
+        With ``msl_steps``, the weighted query losses after every inner step
+        (:meth:`multi_step_weights`).
 
         Raises
         ------
@@ -119,13 +153,24 @@ class MAML(MetaBrain):
         context = nullcontext() if self.first_order else second_order_context()
         with context:
             try:
+                weights = self.multi_step_weights()
                 adapted = self.inner_loop(
                     task.support,
                     self.inner_steps,
-                    self.inner_lr,
+                    self.inner_rate,
                     create_graph=not self.first_order,
+                    keep_trajectory=weights is not None,
                 )
-                loss = self.task_loss(adapted.parameters, adapted.buffers, task.query)
+                if weights is None:
+                    loss = self.task_loss(
+                        adapted.parameters, adapted.buffers, task.query
+                    )
+                else:
+                    loss = sum(
+                        weight * self.task_loss(phi, adapted.buffers, task.query)
+                        for weight, phi in zip(weights, adapted.trajectory)
+                        if weight > 0
+                    )
                 if not torch.isfinite(loss):
                     raise NonFiniteError(f"query loss {loss.item()}")
                 loss.backward()
@@ -168,15 +213,44 @@ class Reptile(MetaBrain):
 
     train_loss_name = "support_loss"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        outside = [n for n in self.meta_parameters() if n not in self.fast_weight_names]
+        if outside:
+            logger.warning(
+                f"Reptile moves only the fast weights (inner_params): "
+                f"{len(outside)} other learnt parameters ({outside[0]}, ...) stay "
+                "as they are; freeze them with meta_params or use MAML."
+            )
+
+    def check_hparams(self) -> None:
+        """Also refuse learnt inner rates, which the pseudo-gradient ignores.
+
+        Raises
+        ------
+        speechbrain_meta.errors.SetupError
+            With ``learn_inner_lr``.
+        """
+        super().check_hparams()
+        _refuse_learnt_rates(self, "Reptile's pseudo-gradient theta - phi")
+
     def task_step(self, task) -> Optional[Tuple[torch.Tensor, Tensors]]:
-        """Add ``theta - phi`` to the gradients of the meta-parameters."""
+        """Add ``theta - phi`` to the gradients of the fast weights' theta.
+
+        Parameters outside ``inner_params`` get no pseudo-gradient: they stay
+        as they are.
+        """
         theta = self.meta_parameters()
-        start = {name: p.detach().requires_grad_() for name, p in theta.items()}
+        start = {
+            name: theta[name].detach().requires_grad_()
+            for name in self.fast_weight_names
+        }
         adapted = self.inner_loop(
             task.support, self.inner_steps, self.inner_lr, parameters=start
         )
         with torch.no_grad():
-            for name, p in theta.items():
+            for name in start:
+                p = theta[name]
                 if adapted.parameters[name] is start[name]:
                     continue  # no inner gradient reached it: no pseudo-gradient
                 step = p - adapted.parameters[name]
@@ -197,6 +271,17 @@ class MultiTask(MetaBrain):
 
     train_loss_name = "episode_loss"
 
+    def check_hparams(self) -> None:
+        """Also refuse learnt inner rates: multitask training has no inner loop.
+
+        Raises
+        ------
+        speechbrain_meta.errors.SetupError
+            With ``learn_inner_lr``.
+        """
+        super().check_hparams()
+        _refuse_learnt_rates(self, "multitask training, which has no inner loop")
+
     def task_step(self, task) -> Optional[Tuple[torch.Tensor, Tensors]]:
         """Back-propagate the mean of the support and query losses at theta."""
         theta, buffers = self.meta_parameters(), self.copy_buffers()
@@ -209,3 +294,11 @@ class MultiTask(MetaBrain):
         loss = torch.stack(losses).mean()
         loss.backward()
         return loss.detach(), buffers
+
+
+def _refuse_learnt_rates(brain: MetaBrain, why: str) -> None:
+    if brain._hparam("learn_inner_lr", None) is not None:
+        raise SetupError(
+            f"learn_inner_lr needs MAML or FOMAML: {why} does not depend on the "
+            "inner rates, so they would not be learnt. Remove learn_inner_lr."
+        )

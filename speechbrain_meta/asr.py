@@ -12,7 +12,8 @@ functions below are its data and initialisation steps:
   the audio and character pipelines (:func:`add_pipelines`) and the character
   encoder, rebuilt when its record says other sources made it;
 * :func:`warm_start`: the parameters and encoder of another run
-  (``init_from``);
+  (``init_from``), loaded with :func:`load_parameters` around the YAML's
+  ``adapters`` (:func:`insert_adapters`);
 * :func:`load_initialisation` and :func:`target_datasets`: what ``adapt.py``
   starts from and adapts to.
 
@@ -34,7 +35,7 @@ import speechbrain as sb
 import torch
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
-from speechbrain_meta.adaptation import load_init_parameters
+from speechbrain_meta.adaptation import find_init_checkpoint, load_init_parameters
 from speechbrain_meta.audio import read_audio
 from speechbrain_meta.errors import SetupError
 from speechbrain_meta.label_encoder import (
@@ -50,7 +51,9 @@ __all__ = [
     "add_pipelines",
     "dataio_prepare",
     "has_checkpoints",
+    "insert_adapters",
     "load_initialisation",
+    "load_parameters",
     "read_manifests",
     "read_tasks",
     "special_labels",
@@ -174,11 +177,13 @@ class ASR:
 
         The training loss is logged under the name the algorithm gives it
         (``train_loss_name``: e.g. ``query_loss`` for MAML, ``loss`` for a
-        plain Brain); evaluation stages log how many tasks could not be scored
-        (``unscored_tasks``), when any.
+        plain Brain), with what the Brain adds (``train_log_stats``: the
+        learnt inner rates); evaluation stages log how many tasks could not be
+        scored (``unscored_tasks``), when any.
         """
         if stage == sb.Stage.TRAIN:
             self.train_stats = {getattr(self, "train_loss_name", "loss"): stage_loss}
+            self.train_stats.update(getattr(self, "train_log_stats", dict)())
             return
         stats = {"loss": stage_loss}
         unscored = getattr(self, "unscored_tasks", 0)
@@ -393,6 +398,60 @@ def dataio_prepare(hparams: dict) -> tuple:
     return datasets, encoder
 
 
+def insert_adapters(hparams: dict) -> None:
+    """Put the YAML's adapters (key ``adapters``) into the model, once.
+
+    ``adapters`` is a SpeechBrain ``AdaptedModel`` (or a list of them) built
+    with ``manual_adapter_insertion: True``, so that an initialisation without
+    adapters (a plain multitask pre-training) loads into the model first
+    (:func:`load_parameters`).
+
+    Arguments
+    ---------
+    hparams : dict
+        The loaded YAML.
+    """
+    adapters = hparams.get("adapters")
+    if adapters is None:
+        return
+    for adapted in adapters if isinstance(adapters, list) else [adapters]:
+        if not getattr(adapted, "adapters_inserted", False):
+            adapted.insert_adapters()
+            adapted.adapters_inserted = True
+
+
+def load_parameters(hparams: dict, path: str, min_key: str):
+    """Load an initialisation into ``hparams["model"]``, adapters in place.
+
+    A checkpoint that holds adapter weights (``adapter_`` in a name, as in
+    SpeechBrain's ``LoRA`` and ``HoulsbyAdapterLinear``) loads after the
+    adapters are inserted, one without them before (the adapters then start
+    as SpeechBrain initialises them, LoRA's as the identity).
+
+    Arguments
+    ---------
+    hparams : dict
+        The loaded YAML (``model``, optional ``adapters``).
+    path : str
+        The initialisation (see
+        :func:`~speechbrain_meta.adaptation.find_init_checkpoint`).
+    min_key : str
+        Which checkpoint of a folder.
+
+    Returns
+    -------
+    speechbrain_meta.adaptation.InitCheckpoint
+        What was loaded.
+    """
+    paramfile = find_init_checkpoint(path, min_key=min_key).paramfile
+    saved = torch.load(paramfile, map_location="cpu", weights_only=True)
+    if any("adapter_" in name for name in saved):
+        insert_adapters(hparams)
+    init = load_init_parameters(hparams["model"], path, min_key)
+    insert_adapters(hparams)
+    return init
+
+
 def warm_start(hparams: dict) -> None:
     """Start from the parameters of another run (YAML ``init_from``).
 
@@ -409,9 +468,10 @@ def warm_start(hparams: dict) -> None:
         ``label_encoder_file``).
     """
     if hparams.get("init_from") is None:
+        insert_adapters(hparams)
         return
-    init = load_init_parameters(
-        hparams["model"], hparams["init_from"], hparams.get("init_min_key", "CER")
+    init = load_parameters(
+        hparams, hparams["init_from"], hparams.get("init_min_key", "CER")
     )
     logger.info(f"Warm start from {init.paramfile}")
     own_encoder = hparams["label_encoder_file"]
@@ -448,10 +508,11 @@ def load_initialisation(hparams: dict):
     encoder_file = hparams["label_encoder_file"]
     path = hparams["init_checkpoint"]
     if path is not None:
-        init = load_init_parameters(hparams["model"], path, hparams["init_min_key"])
+        init = load_parameters(hparams, path, hparams["init_min_key"])
         logger.info(f"Initialisation: {init.paramfile}")
         encoder_file = encoder_file or init.label_encoder_file
     else:
+        insert_adapters(hparams)
         logger.info("Initialisation: random")
     if encoder_file is None:
         encoder.handle_special_labels(special_labels(hparams))

@@ -22,6 +22,16 @@ YAML keys read from ``hparams`` (defaults in brackets):
 * ``seed`` [0]: with the support utterances' ids, seeds the random state of
   each test-time adaptation (dropout, augmentation), so that evaluating a
   checkpoint twice gives the same scores.
+* ``inner_params`` [all]: the fast weights, as module names or glob patterns
+  over parameter names (:mod:`speechbrain_meta.parameters`); the other
+  learnt parameters are meta-parameters only. ANIL: ``[ctc_lin]``.
+* ``meta_params`` [those that require a gradient]: the parameters the outer
+  step learns; the others are frozen.
+* ``learn_inner_lr`` [null]: ``tensor``, ``element`` or ``layer_step`` learns
+  the inner learning rates (:class:`~speechbrain_meta.inner_rates.InnerRates`,
+  starting at ``inner_lr``) with the outer optimizer at ``inner_lr_lr``
+  [its learning rate]; validation and test then adapt with them for
+  ``inner_steps`` steps (``adapt_with_learnt_rates`` [True]).
 
 These keys and SpeechBrain's ``max_grad_norm`` are checked when the Brain is
 built (:meth:`MetaBrain.check_hparams`). Nothing non-finite reaches the
@@ -56,10 +66,13 @@ from speechbrain_meta.inner_loop import (
     AdaptedWeights,
     BrainObjective,
     NonFiniteError,
+    Rate,
     Tensors,
     all_finite,
     sgd_steps,
 )
+from speechbrain_meta.inner_rates import InnerRates
+from speechbrain_meta.parameters import matching, set_trainable
 from speechbrain_meta.sampler import (
     EpisodicDataset,
     MetaBatch,
@@ -151,6 +164,8 @@ class MetaBrain(sb.Brain):
                 "raise the sampler's tasks_per_batch instead."
             )
         self.check_hparams()
+        self.fast_weight_names = self._select_parameters()
+        self.inner_rates = self._make_inner_rates()
         self.nonfinite_count = 0
         self.skipped_utterances: Dict[str, str] = {}
         self.unscored_tasks = 0
@@ -160,6 +175,8 @@ class MetaBrain(sb.Brain):
             self.checkpointer.add_recoverable(
                 "random_state", RandomState(), optional_load=True
             )
+            if self.inner_rates is not None:
+                self.checkpointer.add_recoverable("inner_rates", self.inner_rates)
 
     # ------------------------------------------------------------------ keys
     def _hparam(self, name: str, default):
@@ -200,6 +217,64 @@ class MetaBrain(sb.Brain):
                 "every gradient, a negative value flips their sign): set e.g. "
                 "--max_grad_norm 5, or --max_grad_norm inf for no clipping."
             )
+
+    def _select_parameters(self) -> List[str]:
+        """Apply ``meta_params`` and return the fast weights (``inner_params``)."""
+        trainable = set_trainable(
+            self.modules, self._hparam("meta_params", None), "meta_params"
+        )
+        patterns = self._hparam("inner_params", None)
+        if patterns is None:
+            return trainable
+        names = [name for name, _ in self.modules.named_parameters()]
+        fast = matching(names, patterns, "inner_params")
+        frozen = [name for name in fast if name not in trainable]
+        if frozen:
+            raise SetupError(
+                f"inner_params select frozen parameters ({', '.join(frozen[:3])}"
+                f"{', ...' if len(frozen) > 3 else ''}): adapt only learnt ones, "
+                "or add them to meta_params."
+            )
+        return fast
+
+    def _make_inner_rates(self) -> Optional[InnerRates]:
+        """The learnt inner rates of ``learn_inner_lr``, or None."""
+        mode = self._hparam("learn_inner_lr", None)
+        if mode is None:
+            return None
+        parameters = dict(self.modules.named_parameters())
+        shapes = {name: parameters[name].shape for name in self.fast_weight_names}
+        rates = InnerRates(shapes, self.inner_lr, mode, self.inner_steps)
+        return rates.to(self.device)
+
+    @property
+    def inner_rate(self) -> Rate:
+        """The inner learning rate: the learnt rates if any, else ``inner_lr``."""
+        return self.inner_rates.rate if self.inner_rates is not None else self.inner_lr
+
+    def learnt_tensors(self) -> List[torch.Tensor]:
+        """Everything the outer step learns: meta-parameters and inner rates."""
+        tensors = list(self.meta_parameters().values())
+        if self.inner_rates is not None:
+            tensors += list(self.inner_rates.parameters())
+        return tensors
+
+    def init_optimizers(self):
+        """SpeechBrain's optimizer, plus a parameter group for learnt rates.
+
+        The rates learn at ``inner_lr_lr`` (default: the optimizer's own
+        learning rate).
+        """
+        super().init_optimizers()
+        if self.inner_rates is not None and self.opt_class is not None:
+            lr = self._hparam("inner_lr_lr", self.optimizer.param_groups[0]["lr"])
+            self.optimizer.add_param_group(
+                {"params": list(self.inner_rates.parameters()), "lr": float(lr)}
+            )
+
+    def train_log_stats(self) -> Dict[str, float]:
+        """What the recipe adds to its training log line: the learnt rates."""
+        return self.inner_rates.summary() if self.inner_rates is not None else {}
 
     @property
     def inner_steps(self) -> int:
@@ -279,19 +354,21 @@ class MetaBrain(sb.Brain):
         self,
         batch,
         steps: int,
-        lr: float,
+        lr: Rate,
         create_graph: bool = False,
         parameters: Optional[Tensors] = None,
+        keep_trajectory: bool = False,
     ) -> AdaptedWeights:
         """Adapt fast weights to ``batch`` with ``steps`` steps of SGD.
 
         :func:`speechbrain_meta.inner_loop.sgd_steps` on the recipe's loss
         (stage TRAIN) with copies of the modules' buffers. The fast weights
-        start from ``parameters`` (the meta-parameters by default) and keep
-        their autograd history: with ``create_graph`` the gradient of a later
-        loss reaches the meta-parameters through every inner step (second
-        order); without it, through the identity only (first order). The
-        modules' own parameters and buffers are untouched.
+        (``inner_params``) start from ``parameters`` (the meta-parameters by
+        default) and keep their autograd history: with ``create_graph`` the
+        gradient of a later loss reaches the meta-parameters through every
+        inner step (second order); without it, through the identity only
+        (first order). The other parameters are the modules' own. The
+        modules' parameters and buffers are untouched.
 
         Arguments
         ---------
@@ -299,12 +376,15 @@ class MetaBrain(sb.Brain):
             The support batch.
         steps : int
             Number of SGD steps.
-        lr : float
-            Their learning rate.
+        lr : float or callable
+            Their learning rate, or a rate per weight and step
+            (:attr:`inner_rate`).
         create_graph : bool
             Whether the inner gradients are themselves differentiable.
         parameters : dict, optional
             Where to start from.
+        keep_trajectory : bool
+            Whether to return the weights after every step too.
 
         Returns
         -------
@@ -317,14 +397,17 @@ class MetaBrain(sb.Brain):
             When a support loss or its gradient is not finite (the task must
             be skipped).
         """
-        start = self.meta_parameters() if parameters is None else parameters
+        if parameters is None:
+            theta = self.meta_parameters()
+            parameters = {name: theta[name] for name in self.fast_weight_names}
         return sgd_steps(
             lambda weights, buffers: self.task_loss(weights, buffers, batch),
-            start,
+            parameters,
             self.copy_buffers(),
             steps,
             lr,
             create_graph,
+            keep_trajectory,
         )
 
     # ------------------------------------------------------------- training
@@ -437,7 +520,7 @@ class MetaBrain(sb.Brain):
                 task_buffers.append(outcome[1])
         tasks_done = self._all_reduce_gradients(len(losses))
         if tasks_done > 0:
-            for p in self.meta_parameters().values():
+            for p in self.learnt_tensors():
                 if p.grad is not None:
                     p.grad /= tasks_done
             self.optimizers_step()
@@ -462,7 +545,7 @@ class MetaBrain(sb.Brain):
         set aside while the task runs, so that what it adds can be checked on
         its own and dropped.
         """
-        parameters = list(self.meta_parameters().values())
+        parameters = self.learnt_tensors()
         earlier = [p.grad for p in parameters]
         for p in parameters:
             p.grad = None
@@ -565,7 +648,7 @@ class MetaBrain(sb.Brain):
         """
         if not self._distributed():
             return tasks_done
-        parameters = list(self.meta_parameters().values())
+        parameters = self.learnt_tensors()
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in parameters]
         counts = torch.tensor(
             [float(p.grad is not None) for p in parameters] + [float(tasks_done)],
@@ -689,9 +772,11 @@ class MetaBrain(sb.Brain):
     def adapt(self, batch, seed: Optional[int] = None) -> AdaptedWeights:
         """Adapt to one support batch as in validation and test.
 
-        Runs ``adapt_steps`` first-order steps of ``adapt_lr`` with the
-        modules in training mode (as in meta-training), whatever the
-        surrounding mode and gradient setting, and restores both. With a
+        Runs ``adapt_steps`` first-order steps of ``adapt_lr`` (with learnt
+        inner rates: ``inner_steps`` steps of those, unless
+        ``adapt_with_learnt_rates: False``) with the modules in training mode
+        (as in meta-training), whatever the surrounding mode and gradient
+        setting, and restores both. With a
         ``seed``, the random numbers (dropout, augmentation) come from a
         generator seeded with it, and the global random state is left as it
         was.
@@ -721,9 +806,17 @@ class MetaBrain(sb.Brain):
                 if seed is not None:
                     torch.manual_seed(seed)
                 with torch.enable_grad():
-                    return self.inner_loop(batch, self.adapt_steps, self.adapt_lr)
+                    return self.inner_loop(batch, *self._adaptation())
         finally:
             self.modules.train(was_training)
+
+    def _adaptation(self) -> Tuple[int, Rate]:
+        """The steps and rate of test-time adaptation."""
+        if self.inner_rates is not None and self._hparam(
+            "adapt_with_learnt_rates", True
+        ):
+            return self.inner_steps, self.inner_rates.rate
+        return self.adapt_steps, self.adapt_lr
 
     # ------------------------------------------------------------ checkpoints
     def on_fit_start(self):

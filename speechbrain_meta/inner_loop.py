@@ -57,7 +57,7 @@ tensor([2.2500], grad_fn=<SubBackward0>)
 """
 
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, NamedTuple
+from typing import Callable, Dict, Iterator, NamedTuple, Tuple, Union
 
 import torch
 from torch.func import functional_call
@@ -70,6 +70,7 @@ __all__ = [
     "AdaptedWeights",
     "BrainObjective",
     "NonFiniteError",
+    "Rate",
     "all_finite",
     "fast_weight_context",
     "second_order_context",
@@ -271,11 +272,16 @@ class AdaptedWeights(NamedTuple):
         Copies of the modules' buffers as the inner loop left them.
     loss : torch.Tensor
         The support loss of the last inner step.
+    trajectory : tuple of dict
+        With ``keep_trajectory``, the fast weights after each step (the last
+        is ``parameters``), for a loss after every step (MAML++'s multi-step
+        loss).
     """
 
     parameters: Tensors
     buffers: Tensors
     loss: torch.Tensor
+    trajectory: Tuple[Tensors, ...] = ()
 
 
 def all_finite(tensors) -> bool:
@@ -284,21 +290,26 @@ def all_finite(tensors) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
+Rate = Union[float, Callable[[str, int], Union[float, torch.Tensor]]]
+
+
 def sgd_steps(
     loss: Callable[[Tensors, Tensors], torch.Tensor],
     parameters: Tensors,
     buffers: Tensors,
     steps: int,
-    lr: float,
+    lr: Rate,
     create_graph: bool = False,
+    keep_trajectory: bool = False,
 ) -> AdaptedWeights:
     """Take ``steps`` SGD steps of ``loss`` on fast weights.
 
     The fast weights start from ``parameters`` and keep their autograd
     history: with ``create_graph`` the gradient of a later loss reaches
     ``parameters`` through every step (second order); without it, through
-    the identity only (first order). A weight that gets no gradient stays the
-    same tensor.
+    the identity only (first order). A learnt rate (a tensor) is part of the
+    graph either way, so a later loss also has a gradient with respect to it.
+    A weight that gets no gradient stays the same tensor.
 
     Arguments
     ---------
@@ -312,10 +323,13 @@ def sgd_steps(
         Buffers by name, passed to every step.
     steps : int
         Number of steps.
-    lr : float
-        Their learning rate.
+    lr : float or callable
+        The learning rate, or ``lr(name, step)`` (0-based step): a rate per
+        weight and step, e.g. :meth:`speechbrain_meta.inner_rates.InnerRates.rate`.
     create_graph : bool
         Whether the gradients of the steps are themselves differentiable.
+    keep_trajectory : bool
+        Whether to return the weights after every step too.
 
     Returns
     -------
@@ -327,19 +341,25 @@ def sgd_steps(
     NonFiniteError
         When a loss or its gradient is not finite (the task must be skipped).
     """
+    rate = lr if callable(lr) else (lambda name, step: lr)
     weights = parameters
     value = torch.zeros(())
-    for step in range(1, steps + 1):
+    trajectory = []
+    for step in range(steps):
         value = loss(weights, buffers)
         if not torch.isfinite(value):
-            raise NonFiniteError(f"support loss {value.item()} at inner step {step}")
+            raise NonFiniteError(
+                f"support loss {value.item()} at inner step {step + 1}"
+            )
         grads = torch.autograd.grad(
             value, list(weights.values()), create_graph=create_graph, allow_unused=True
         )
         if not all_finite(grads):
-            raise NonFiniteError(f"support gradient at inner step {step}")
+            raise NonFiniteError(f"support gradient at inner step {step + 1}")
         weights = {
-            name: w if g is None else w - lr * g
+            name: w if g is None else w - rate(name, step) * g
             for (name, w), g in zip(weights.items(), grads)
         }
-    return AdaptedWeights(weights, buffers, value.detach())
+        if keep_trajectory:
+            trajectory.append(weights)
+    return AdaptedWeights(weights, buffers, value.detach(), tuple(trajectory))

@@ -136,7 +136,7 @@ def test_a_diverged_adaptation_is_not_saved(
     out = tmp_path / "diverged"
     with pytest.raises((RuntimeError, ValueError), match=message):
         run_adapt(
-            tiny_corpus, out, init_checkpoint=init_run, optimizer="sgd", lr=1e30,
+            tiny_corpus, out, init_checkpoint=init_run, adapt_optimizer="sgd", lr=1e30,
             nonfinite_patience=patience,
         )  # fmt: skip
     assert not list(out.glob("save/CKPT+*"))
