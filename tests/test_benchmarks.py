@@ -1,6 +1,7 @@
 """Smoke test of the meta-step benchmark: smallest settings, real models."""
 
 import importlib.util
+import re
 import time
 from pathlib import Path
 
@@ -82,6 +83,39 @@ def test_benchmark_reports_every_algorithm(bench, tiny_corpus, tmp_path):
     (ctc,) = table_rows(report, "| model | native")
     assert float(ctc["native fwd+bwd ms"]) > 0
     assert "- MAML within 2.5x of FOMAML at k = 1 (ctc):" in report
+
+
+def test_benchmark_compares_partial_inner_loops_with_the_whole_model(
+    bench, tiny_corpus, tmp_path
+):
+    out = tmp_path / "bench.md"
+    threads = torch.get_num_threads()
+    try:
+        bench.main(
+            [
+                "--data_folder", tiny_corpus["data_folder"],
+                "--hparams", str(REPO_ROOT / "hparams/fomaml_ctc.yaml"),
+                str(REPO_ROOT / "hparams/maml_anil_ctc.yaml"),
+                str(REPO_ROOT / "hparams/maml_lora_ctc.yaml"),
+                "--steps", "1", "--tasks", "2", "--support", "1", "--query", "1",
+                "--repeats", "1", "--warmup", "0", "--ctc_repeats", "1",
+                "--threads", "1", "--out", str(out),
+            ]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    report = out.read_text()
+    rows = table_rows(report, "| model | algorithm")
+    assert {(r["model"], r["algorithm"]) for r in rows} == {
+        ("ctc", "FOMAML"), ("anil_ctc", "MAML"), ("lora_ctc", "MAML"),
+    }  # fmt: skip
+    for model in ("anil_ctc", "lora_ctc"):
+        assert re.search(
+            rf"- Second-order {model} within 1.5x the peak memory of first-order "
+            r"whole-model training \(ctc FOMAML\) at k = 1: (met|MISSED) \(\d",
+            report,
+        ), report
+    assert "anil_ctc 0.89 M (0.041 M fast weights)" in report
 
 
 def test_timings_pair_runs_of_each_round(bench):
