@@ -13,8 +13,10 @@ and runs its stages in order, each a subprocess into its own folder under
    or null: random;
 3. every (target, budget, init of ``adapted_inits``, default all):
    ``adapt.py`` into ``<output_folder>/adapt/<target>/<budget>/<init>``, with
-   the same adaptation YAML and options for every init and the character
-   encoder of the first trained init for all of them;
+   the same adaptation YAML and options for every init (unless
+   ``adapt_hparams_of`` / ``adapt_overrides_of`` give an init its own, e.g. a
+   LoRA model's YAML) and the character encoder of the first trained init for
+   all of them;
 4. ``adaptation.csv`` (``init, target, budget, step, cer, wer``), ``report.md``
    and ``cer_<target>.png`` in ``output_folder``.
 
@@ -156,8 +158,10 @@ def run_protocol(hparams: dict, run_opts) -> dict:
             "curve_steps": hparams["curve_steps"],
             "seed": hparams["seed"],
             **hparams["adapt_overrides"],
+            **hparams.get("adapt_overrides_of", {}).get(init, {}),
         }
-        args = [hparams["adapt_hparams"], "--output_folder", folder, *passed_on]
+        yaml = hparams.get("adapt_hparams_of", {}).get(init, hparams["adapt_hparams"])
+        args = [yaml, "--output_folder", folder, *passed_on]
         args += option_args(options)
         name = f"Adaptation {number}/{len(runs)} ({init} -> {target}, {label})"
         inputs = [init_parameters(options, "init_checkpoint"), encoder_file]
