@@ -50,17 +50,10 @@ def meta_train(hparams: dict, run_opts: dict) -> None:
             f"FOMAML, Reptile or MultiTask), got {brain_class!r}: write it as "
             "brain_class: !name:speechbrain_meta.MAML."
         )
-    # The initialisation and the adapters are in place before the Brain picks
-    # the fast weights and meta-parameters; it checks its settings before any
-    # data is touched.
+    # The initialisation and the adapters are in place before the data is
+    # read (a warm start's encoder may gain letters, and the output layers
+    # rows) and before the Brain picks the fast weights and meta-parameters.
     warm_start(hparams)
-    asr_brain = type("ASRBrain", (ASR, brain_class), {})(
-        modules=hparams["modules"],
-        opt_class=hparams["opt_class"],
-        hparams=hparams,
-        run_opts=run_opts,
-        checkpointer=hparams["checkpointer"],
-    )
     if not hparams["skip_prep"]:
         run_on_main(
             prepare_embedded_corpus,
@@ -70,7 +63,15 @@ def meta_train(hparams: dict, run_opts: dict) -> None:
                 "seed": hparams["seed"],
             },
         )
-    datasets, asr_brain.tokenizer = dataio_prepare(hparams)
+    datasets, tokenizer = dataio_prepare(hparams)
+    asr_brain = type("ASRBrain", (ASR, brain_class), {})(
+        modules=hparams["modules"],
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"],
+    )
+    asr_brain.tokenizer = tokenizer
     # All three built before training: a set too small fails now, not after it.
     samplers = {
         "train": hparams["train_sampler"](datasets["train"]),
