@@ -47,6 +47,7 @@ from speechbrain_meta.experiment import experiment, run_script
 from speechbrain_meta.protocol import (
     budget_label,
     init_parameters,
+    parse_budget,
     plot_curves,
     read_results,
     reference_encoder,
@@ -143,8 +144,9 @@ def run_protocol(hparams: dict, run_opts) -> dict:
         for budget in hparams["budgets"]
         for init in adapted
     ]
-    for number, (target, budget, init) in enumerate(runs, start=1):
-        label = budget_label(budget, hparams["budget_unit"])
+    for number, (target, item, init) in enumerate(runs, start=1):
+        budget, unit = parse_budget(item, hparams["budget_unit"])
+        label = budget_label(budget, unit)
         folder = os.path.join(out, "adapt", target, label, init)
         options = {
             "init_name": init,
@@ -154,7 +156,7 @@ def run_protocol(hparams: dict, run_opts) -> dict:
             "target": hparams["targets"][target]["task"],
             "data_folder": hparams["targets"][target]["data_folder"],
             "budget": budget,
-            "budget_unit": hparams["budget_unit"],
+            "budget_unit": unit,
             "curve_steps": hparams["curve_steps"],
             "seed": hparams["seed"],
             **hparams["adapt_overrides"],

@@ -40,6 +40,7 @@ __all__ = [
     "RESULT_FIELDS",
     "budget_label",
     "final_points",
+    "parse_budget",
     "init_parameters",
     "plot_curves",
     "read_results",
@@ -51,6 +52,59 @@ __all__ = [
 RESULT_FIELDS = ("init", "target", "budget", "step", "cer", "wer")
 _UNIT_SUFFIX = dict(zip(BUDGET_UNITS, ("min", "utt")))
 _LABEL = re.compile(r"^(\d+(?:\.\d+)?)(min|utt)$")
+
+
+_BUDGET_ITEM = re.compile(
+    r"^\s*(\d+(?:\.\d+)?)\s*(utterances?|utt|minutes?|min|hours?|h)\s*$"
+)
+_ITEM_UNITS = {"utt": "utterances", "min": "minutes", "h": "hours"}
+
+
+def parse_budget(item, unit: str) -> Tuple[float, str]:
+    """One entry of a protocol's ``budgets``: a number, or a number and a unit.
+
+    A number is in the protocol's ``budget_unit``; a string names its own
+    unit (``"5 utterances"``, ``"10 minutes"``, ``"1 hour"``; hours become
+    minutes), so that one protocol mixes them as ML-SUPERB does.
+
+    Arguments
+    ---------
+    item : float or str
+        The entry.
+    unit : str
+        The protocol's ``budget_unit`` (``minutes`` or ``utterances``).
+
+    Returns
+    -------
+    tuple
+        ``(value, unit)`` with unit ``minutes`` or ``utterances`` (a number
+        entry's value as given).
+
+    Raises
+    ------
+    speechbrain_meta.errors.SetupError
+        If the entry is neither.
+
+    Example
+    -------
+    >>> parse_budget(2, "minutes"), parse_budget("5 utterances", "minutes")
+    ((2, 'minutes'), (5.0, 'utterances'))
+    >>> parse_budget("1 hour", "utterances")
+    (60.0, 'minutes')
+    """
+    if isinstance(item, (int, float)) and not isinstance(item, bool):
+        return item, unit  # as given: the stages' records hold it so
+    match = _BUDGET_ITEM.match(str(item))
+    if match is None:
+        raise SetupError(
+            f"Budget {item!r} is neither a number (in budget_unit: {unit}) nor a "
+            "number and a unit, e.g. '5 utterances', '10 minutes' or '1 hour'."
+        )
+    value, named = float(match[1]), match[2].rstrip("s")
+    named = _ITEM_UNITS.get(named, named + "s")
+    if named == "hours":
+        return value * 60, "minutes"
+    return value, named
 
 
 def budget_label(value: float, unit: str) -> str:
