@@ -523,6 +523,7 @@ def adaptation_curve(
     seed: int = 1234,
     metrics: Optional[Callable[[sb.Brain], Dict[str, float]]] = None,
     progressbar: bool = True,
+    on_point: Optional[Callable[[dict], None]] = None,
 ) -> List[dict]:
     """Fine-tune ``brain`` on ``train_set``, testing after each curve point.
 
@@ -556,6 +557,9 @@ def adaptation_curve(
         the point (e.g. error rates of the recipe's metric trackers).
     progressbar : bool
         Whether to show a tqdm bar over the update steps.
+    on_point : callable, optional
+        Called with each point once it is scored, the Brain's weights being
+        those of that point (e.g. to keep them).
 
     Returns
     -------
@@ -627,4 +631,6 @@ def adaptation_curve(
                 target_step,
                 ", ".join(f"{k} {v:.4g}" for k, v in curve[-1].items() if k != "step"),
             )
+            if on_point is not None:
+                on_point(curve[-1])
     return curve
