@@ -216,10 +216,11 @@ def error_rates(brain: sb.Brain) -> dict:
 def select_schedule(brain: sb.Brain, subset, hparams: dict, options: dict):
     """Choose the number of updates (and rate) on a held-out part of the budget.
 
-    With ``selection_fraction: 0`` there is no selection (None: the model
-    after the last curve point is kept). Otherwise the chosen schedule is
-    written to ``<output_folder>/selection.json`` and, when a rate was
-    chosen, set in the Brain's ``opt_class``.
+    With ``selection_fraction: 0``, or a budget of one utterance, there is
+    no selection (None: the model after the last curve point is kept).
+    Otherwise the chosen schedule is written to
+    ``<output_folder>/selection.json`` and, when a rate was chosen, set in
+    the Brain's ``opt_class``.
 
     Arguments
     ---------
@@ -240,6 +241,12 @@ def select_schedule(brain: sb.Brain, subset, hparams: dict, options: dict):
     """
     fraction = hparams["selection_fraction"]
     if not fraction:
+        return None
+    if len(subset) < 2:
+        logger.warning(
+            f"A budget of {len(subset)} utterance cannot be split to choose the "
+            "number of updates: keeping the last curve step."
+        )
         return None
     lrs = hparams["selection_lrs"]
     if lrs and hparams["adapt_optimizer"] == "learnt":

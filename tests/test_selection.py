@@ -118,3 +118,18 @@ def test_adapt_keeps_the_selected_weights_and_the_report(
     assert all(torch.equal(kept[k], again[k]) for k in kept)
     meta = (tmp_path / "selected" / "save" / "CKPT+adapted" / "CKPT.yaml").read_text()
     assert f"step: {record['step']}" in meta
+
+
+def test_a_budget_of_one_utterance_keeps_the_last_step(
+    init_run,  # noqa: F811 (the fixture imported above)
+    tiny_corpus,
+    tmp_path,
+):
+    curve = run_adapt(
+        tiny_corpus, tmp_path / "one", init_checkpoint=init_run, budget=1,
+        curve_steps="[0, 2]",
+    )  # fmt: skip
+    assert [point["step"] for point in curve] == [0, 2]
+    assert not (tmp_path / "one" / "selection.json").exists()
+    meta = (tmp_path / "one" / "save" / "CKPT+adapted" / "CKPT.yaml").read_text()
+    assert "step: 2" in meta
