@@ -28,6 +28,8 @@ setup(
     extras_require={
         "dev": ["pytest>=7", "ruff>=0.4"],
         "plot": ["matplotlib>=3.5"],
+        # Pretrained self-supervised encoders (docs/ssl_encoders.md).
+        "ssl": ["transformers>=4.40,<5"],
     },
     license="Apache-2.0",
 )

@@ -49,6 +49,7 @@ from speechbrain_meta.label_encoder import (
     write_encoder_record,
 )
 from speechbrain_meta.manifest_check import check_manifests
+from speechbrain_meta.parameters import scale_learning_rates
 from speechbrain_meta.task_manifests import (
     load_task_manifests,
     manifests_record,
@@ -78,7 +79,9 @@ class ASR:
     """ASR recipe methods, mixed into the Brain class named in the YAML.
 
     Without a YAML ``decoder_type`` the model is CTC only (modules ``encoder``
-    and ``ctc_lin``). With ``decoder_type: transformer`` (modules ``CNN``,
+    and ``ctc_lin``; with ``encoder_lengths: True`` the encoder also gets the
+    relative lengths, as SpeechBrain's Hugging Face wrappers take them). With
+    ``decoder_type: transformer`` (modules ``CNN``,
     ``Transformer``, ``ctc_lin``, ``seq_lin``) or ``decoder_type: rnn``
     (``encoder``, ``embedding``, ``decoder``, ``ctc_lin``, ``seq_lin``) it is a
     joint CTC + attention model: the loss is ``ctc_weight * CTC +
@@ -102,7 +105,10 @@ class ASR:
         feats = self.hparams.normalize(feats, wav_lens)
         decoder_type = getattr(self.hparams, "decoder_type", None)
         if decoder_type is None:
-            encoded = self.modules.encoder(feats)
+            if getattr(self.hparams, "encoder_lengths", False):
+                encoded = self.modules.encoder(feats, wav_lens)
+            else:
+                encoded = self.modules.encoder(feats)
             logits = self.modules.ctc_lin(encoded)
             return self.hparams.log_softmax(logits), wav_lens
         encoded, decoded = self.encode_decode(
@@ -119,6 +125,19 @@ class ASR:
             )
             hyps, _, _, _ = search(encoded.detach(), wav_lens)
         return p_ctc, p_seq, wav_lens, hyps
+
+    def init_optimizers(self):
+        """The Brain's optimizer, its learning rates scaled by ``lr_scales``.
+
+        ``lr_scales`` (YAML, optional) maps parameter patterns (module names
+        or globs, :mod:`speechbrain_meta.parameters`) to factors of the
+        optimizer's learning rate: e.g. ``{encoder: 0.05}`` gives a pretrained
+        encoder its own, lower rate (:func:`scale_learning_rates`).
+        """
+        super().init_optimizers()
+        scales = getattr(self.hparams, "lr_scales", None)
+        if scales and getattr(self, "optimizer", None) is not None:
+            scale_learning_rates(self.optimizer, self.modules, scales)
 
     def encode_decode(self, decoder_type, feats, tokens_bos, wav_lens):
         """Encoder and teacher-forced decoder states of a joint model."""

@@ -164,6 +164,7 @@ class MetaBrain(sb.Brain):
                 "raise the sampler's tasks_per_batch instead."
             )
         self.check_hparams()
+        self._refuse_activation_checkpointing()
         self.fast_weight_names = self._select_parameters()
         self.inner_rates = self._make_inner_rates()
         self.nonfinite_count = 0
@@ -217,6 +218,31 @@ class MetaBrain(sb.Brain):
                 "every gradient, a negative value flips their sign): set e.g. "
                 "--max_grad_norm 5, or --max_grad_norm inf for no clipping."
             )
+
+    def _refuse_activation_checkpointing(self) -> None:
+        """Refuse modules that recompute their forward in the backward pass.
+
+        Activation (gradient) checkpointing, as transformers'
+        ``gradient_checkpointing_enable()`` turns on, recomputes a layer's
+        forward during the backward pass with the module's own weights, not
+        the fast weights that ``functional_call`` put in place for the
+        forward: the inner and meta-gradients would be silently wrong.
+
+        Raises
+        ------
+        speechbrain_meta.errors.SetupError
+            Naming the module.
+        """
+        for name, module in self.modules.named_modules():
+            if getattr(module, "gradient_checkpointing", False) is True:
+                raise SetupError(
+                    f"Module '{name}' has activation checkpointing on "
+                    "(gradient_checkpointing): it recomputes forwards with the "
+                    "module's own weights, not the fast weights, so the "
+                    "meta-gradients would be wrong. Turn it off (transformers: "
+                    "model.gradient_checkpointing_disable()); lower memory with "
+                    "LoRA or ANIL (inner_params), bf16 or smaller episodes."
+                )
 
     def _select_parameters(self) -> List[str]:
         """Apply ``meta_params`` and return the fast weights (``inner_params``)."""
