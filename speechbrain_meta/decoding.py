@@ -41,7 +41,13 @@ from speechbrain.decoders.ctc import CTCBeamSearcher, CTCPrefixBeamSearcher
 
 from speechbrain_meta.errors import SetupError
 
-__all__ = ["CTC_DECODERS", "CTCDecoder", "encoder_labels", "label_words"]
+__all__ = [
+    "CTC_DECODERS",
+    "CTCDecoder",
+    "ctc_greedy_labels",
+    "encoder_labels",
+    "label_words",
+]
 
 CTC_DECODERS = {
     "greedy": None,
@@ -71,6 +77,33 @@ def label_words(tokens, ind2lab: Mapping[int, str]) -> list:
     ['a', 'b']
     """
     return "".join(ind2lab[t] for t in map(int, tokens) if t in ind2lab).split()
+
+
+def ctc_greedy_labels(
+    log_probs: torch.Tensor, wav_lens: torch.Tensor, blank_id: int, num_labels: int
+) -> list:
+    """SpeechBrain's ``ctc_greedy_decode``, without the rows that have no label.
+
+    Also the ``decoding_function`` of the exported inference YAMLs, so that
+    SpeechBrain's own ``EncoderASR`` decodes as the evaluation does.
+
+    Arguments
+    ---------
+    log_probs : torch.Tensor
+        ``(batch, frames, outputs)``.
+    wav_lens : torch.Tensor
+        Relative lengths.
+    blank_id : int
+        The blank's index.
+    num_labels : int
+        Indices from this one on have no label.
+
+    Returns
+    -------
+    list of list of int
+    """
+    sequences = sb.decoders.ctc_greedy_decode(log_probs, wav_lens, blank_id=blank_id)
+    return [[t for t in sequence if t < num_labels] for sequence in sequences]
 
 
 def encoder_labels(encoder) -> list:
@@ -186,8 +219,8 @@ class CTCDecoder:
             The words of each utterance.
         """
         if self.searcher is None:
-            sequences = sb.decoders.ctc_greedy_decode(
-                log_probs, wav_lens, blank_id=self.blank_index
+            sequences = ctc_greedy_labels(
+                log_probs, wav_lens, self.blank_index, len(self.labels)
             )
             ind2lab = dict(enumerate(self.labels))
             return [label_words(sequence, ind2lab) for sequence in sequences]

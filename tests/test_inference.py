@@ -1,0 +1,170 @@
+"""Inference folders: SpeechBrain interfaces that give the evaluation's hypotheses."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import speechbrain as sb
+from speechbrain.dataio.batch import PaddedBatch
+from speechbrain.inference.ASR import EncoderASR
+from test_recipe import run_train
+
+import adapt
+from speechbrain_meta.audio import read_audio
+from speechbrain_meta.errors import SetupError
+from speechbrain_meta.inference import CTCASR, AttentionASR, load_asr, main
+from speechbrain_meta.ngram import task_sentences, write_arpa
+
+REPO = Path(__file__).resolve().parents[1]
+FAMILIES = {
+    "ctc": ("maml_ctc.yaml", "adapt_ctc.yaml", CTCASR),
+    "attention": ("multitask_attention.yaml", "adapt_attention.yaml", AttentionASR),
+}
+
+
+def scored(folder: Path) -> dict:
+    """The hypothesis of every utterance in a run's wer.txt, words joined by a space."""
+    hypotheses = {}
+    for block in (folder / "wer.txt").read_text().split("=" * 80 + "\n"):
+        lines = block.splitlines()
+        if len(lines) >= 4 and ", %WER" in lines[0]:
+            words = [w.strip() for w in lines[3].split(";")]
+            hypotheses[lines[0].split(",")[0]] = " ".join(
+                w for w in words if w != "<eps>"
+            )
+    return hypotheses
+
+
+def target_files(corpus: dict, lang: str) -> dict:
+    """The test utterances of ``lang``, by id, shortest first (as adapt.py sorts)."""
+    data = sb.dataio.dataset.DynamicItemDataset.from_csv(
+        corpus["test"], replacements={"data_root": corpus["data_folder"]}
+    ).filtered_sorted(key_test={"lang": lambda x: x == lang}, sort_key="duration")
+    return {i: data.data[i]["wav"] for i in data.data_ids}
+
+
+def evaluate(corpus, init, out, yaml, target, batch_size, steps="[0]", *options):
+    argv = [
+        str(REPO / "hparams" / yaml), "--noprogressbar",
+        "--data_folder", corpus["data_folder"], "--output_folder", str(out),
+        "--init_checkpoint", str(init), "--target", target,
+        "--budget", "6", "--budget_unit", "utterances", "--curve_steps", steps,
+        "--test_batch_size", str(batch_size), *options,
+    ]  # fmt: skip
+    adapt.main(argv)
+    return scored(out)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tiny_corpus, tmp_path_factory):
+    """A short train.py run of the family.
+
+    Its learning rate is negligible: the model stays near its random
+    initialisation and emits many labels (spare rows included), where a
+    trained tiny model sits on CTC's all-blank plateau and every hypothesis
+    would be empty.
+    """
+    train_yaml, adapt_yaml, cls = FAMILIES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    run_train(
+        REPO / "hparams" / train_yaml, tiny_corpus, root / "train",
+        "--number_of_epochs", "1", "--episodes_per_epoch", "2",
+        "--tasks_per_batch", "2", "--eval_episodes", "2", "--meta_lr", "1e-9",
+    )  # fmt: skip
+    return {"root": root, "adapt_yaml": adapt_yaml, "cls": cls}
+
+
+def check_folder(folder: Path, files: dict, hypotheses: dict, cls, savedir: Path):
+    """transcribe_file gives every hypothesis of a batch-of-one evaluation."""
+    assert {p.name for p in folder.iterdir()} >= {
+        "hyperparams.yaml", "model.ckpt", "tokenizer.ckpt",
+    }  # fmt: skip
+    asr = load_asr(str(folder), savedir=str(savedir))
+    assert type(asr) is cls
+    assert set(hypotheses) == set(files)
+    assert all(hypotheses.values()), hypotheses  # not trivially equal
+    for utterance, wav in files.items():
+        assert asr.transcribe_file(wav) == hypotheses[utterance], utterance
+    return asr
+
+
+def check_batch(asr, files: dict, hypotheses: dict):
+    """transcribe_batch of the evaluation's padded batch gives its hypotheses."""
+    rate = asr.hparams.sample_rate
+    wavs, lens = PaddedBatch([{"sig": read_audio(w, rate)} for w in files.values()]).sig
+    texts, words = asr.transcribe_batch(wavs, lens)
+    assert texts == [hypotheses[u] for u in files]
+    assert all(texts)
+    assert words == [t.split() for t in texts]
+
+
+def test_inference_gives_the_evaluations_hypotheses(family, tiny_corpus, tmp_path):
+    """Before adaptation (train.py's folder) and after (adapt.py's), every test file."""
+    root, cls, yaml = family["root"], family["cls"], family["adapt_yaml"]
+    # Before: a source language (no new letters), scored by the initialisation.
+    files = target_files(tiny_corpus, "de")
+    alone = evaluate(tiny_corpus, root / "train", tmp_path / "de1", yaml, "de", 1)
+    asr = check_folder(root / "train" / "inference", files, alone, cls, tmp_path / "a")
+    batched = evaluate(tiny_corpus, root / "train", tmp_path / "de2", yaml, "de", 2)
+    check_batch(asr, files, batched)
+
+    # After: adapted to Czech (new letters), the weights of save/CKPT+adapted.
+    files = target_files(tiny_corpus, "cs")
+    adapted = tmp_path / "cs"
+    # (A small learning rate: three steps at 1e-3 reach CTC's blank plateau.)
+    after = evaluate(
+        tiny_corpus, root / "train", adapted, yaml, "cs", 1, "[0, 3]", "--lr", "1e-5"
+    )
+    assert (adapted / "inference" / "model.ckpt").read_bytes() == (
+        adapted / "save" / "CKPT+adapted" / "model.ckpt"
+    ).read_bytes()
+    asr = check_folder(adapted / "inference", files, after, cls, tmp_path / "b")
+    batched = evaluate(tiny_corpus, adapted, tmp_path / "cs2", yaml, "cs", 2)
+    check_batch(asr, files, batched)
+    if cls is CTCASR:  # SpeechBrain's own class: the same words
+        plain = EncoderASR.from_hparams(
+            source=str(adapted / "inference"), savedir=str(tmp_path / "c")
+        )
+        for utterance, wav in files.items():
+            assert plain.transcribe_file(wav).split() == after[utterance].split()
+
+
+@pytest.mark.parametrize("kind", ["beam", "prefix_beam"])
+def test_beam_search_with_an_lm_in_the_curve_and_the_folder(
+    family, tiny_corpus, tmp_path, kind
+):
+    """adapt.py's curve and its inference folder decode with the same beam + LM."""
+    if family["cls"] is not CTCASR:
+        pytest.skip("CTC decoding only")
+    pytest.importorskip("kenlm", reason="kenlm is not installed (pip install .[lm])")
+    lm = tmp_path / "cs.arpa"
+    write_arpa(task_sentences(tiny_corpus["train"], "cs"), str(lm), order=2)
+    out = tmp_path / "lm"
+    hypotheses = evaluate(
+        tiny_corpus, family["root"] / "train", out, "adapt_ctc_lm.yaml", "cs", 1,
+        "[0, 3]", "--lr", "1e-5", "--ctc_decoder", kind, "--kenlm_model_path", str(lm),
+    )  # fmt: skip
+    folder = out / "inference"
+    assert (folder / "lm.arpa").read_text() == lm.read_text()
+    moved = tmp_path / "moved"
+    shutil.move(str(folder), str(moved))  # the folder finds its own LM
+    asr = check_folder(
+        moved, target_files(tiny_corpus, "cs"), hypotheses, CTCASR, tmp_path / "s"
+    )
+    assert asr.decoding_function.kind == kind
+    assert asr.decoding_function.searcher.kenlm_model_path == str(moved / "lm.arpa")
+
+
+def test_the_export_command_and_its_errors(family, tmp_path, capsys):
+    run = family["root"] / "train"
+    (checkpoint,) = (run / "save").glob("CKPT+*")
+    folder = main(["export", str(checkpoint), str(tmp_path / "out")])
+    assert f"Inference folder: {folder}" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert (out / "model.ckpt").read_bytes() == (checkpoint / "model.ckpt").read_bytes()
+    encoder = (run / "save" / "label_encoder.txt").read_text()
+    assert (out / "tokenizer.ckpt").read_text() == encoder
+    with pytest.raises(SetupError, match="No checkpoint of 'model'"):
+        main(["export", str(tmp_path), str(tmp_path / "none")])
+    with pytest.raises(SetupError, match="is not a speechbrain-meta model folder"):
+        load_asr(str(tmp_path))
