@@ -69,11 +69,15 @@ from speechbrain_meta.experiment import run_script
 __all__ = [
     "AttentionASR",
     "CTCASR",
+    "add_decoding_options",
+    "decoding_overrides",
     "export_inference",
     "export_run",
     "fit_rows",
     "load_asr",
     "main",
+    "pieces",
+    "transcribe_long",
     "write_inference",
 ]
 
@@ -475,6 +479,85 @@ def load_asr(folder: str, savedir: Optional[str] = None, **kwargs):
     return cls.from_hparams(source=os.path.abspath(folder), savedir=savedir, **kwargs)
 
 
+def pieces(signal: torch.Tensor, sample_rate: int, max_seconds: float) -> list:
+    """Cut a long signal into pieces of at most ``max_seconds``, at quiet points.
+
+    Each cut is at the centre of the quietest 10 ms in the second half of the
+    remaining window, so that a word is rarely cut (no overlap: nothing to
+    merge).
+
+    Arguments
+    ---------
+    signal : torch.Tensor
+        ``(samples,)``.
+    sample_rate : int
+        Its rate.
+    max_seconds : float
+        The longest piece.
+
+    Returns
+    -------
+    list of tuple
+        ``(start, end)`` sample indices, covering the signal.
+
+    Example
+    -------
+    >>> speech = torch.ones(1000)
+    >>> speech[300:320] = 0  # a pause at 0.3 s, and at 1.3 s once doubled
+    >>> pieces(torch.cat([speech, speech]), 1000, 1.5)
+    [(0, 1305), (1305, 2000)]
+    """
+    window, limit = max(1, sample_rate // 100), int(max_seconds * sample_rate)
+    cuts, start = [], 0
+    while len(signal) - start > limit:
+        low = start + limit // 2
+        energy = signal[low : start + limit].unfold(0, window, window).pow(2).mean(-1)
+        cut = low + int(energy.argmin()) * window + window // 2
+        cuts.append((start, cut))
+        start = cut
+    return [*cuts, (start, len(signal))]
+
+
+def transcribe_long(asr, path: str, max_seconds: float) -> str:
+    """Transcribe a file of any length: whole, or in :func:`pieces` if longer.
+
+    Arguments
+    ---------
+    asr : CTCASR or AttentionASR
+        The model.
+    path : str
+        An audio file (any format, rate and channel count).
+    max_seconds : float
+        Longer files are transcribed in pieces of at most this length.
+
+    Returns
+    -------
+    str
+        The words, joined by one space.
+    """
+    signal = asr.load_audio(path)
+    rate = asr.hparams.sample_rate
+    texts = [
+        asr.transcribe_batch(signal[None, start:end], torch.ones(1))[0][0]
+        for start, end in pieces(signal.cpu(), rate, max_seconds)
+    ]
+    return " ".join(text for text in texts if text)
+
+
+def add_decoding_options(parser: argparse.ArgumentParser) -> None:
+    """The command-line options of the CTC decoding keys (:data:`DECODING_KEYS`)."""
+    parser.add_argument("--ctc_decoder", choices=list(CTC_DECODERS))
+    parser.add_argument("--beam_size", type=int)
+    parser.add_argument("--kenlm_model_path")
+    parser.add_argument("--alpha", type=float)
+    parser.add_argument("--beta", type=float)
+
+
+def decoding_overrides(args: dict) -> dict:
+    """The decoding keys given on a command line (see :func:`add_decoding_options`)."""
+    return {key: args[key] for key in DECODING_KEYS if args[key] is not None}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> str:
     """``python -m speechbrain_meta.inference export PATH FOLDER [--key value]``."""
     parser = argparse.ArgumentParser(
@@ -486,13 +569,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     export.add_argument("path", help="run folder, save/ folder or CKPT+ folder")
     export.add_argument("folder", help="the inference folder to write")
     export.add_argument("--min_key", default="CER", help="checkpoint to take")
-    export.add_argument("--ctc_decoder", choices=list(CTC_DECODERS))
-    export.add_argument("--beam_size", type=int)
-    export.add_argument("--kenlm_model_path")
-    export.add_argument("--alpha", type=float)
-    export.add_argument("--beta", type=float)
+    add_decoding_options(export)
     args = vars(parser.parse_args(argv))
-    overrides = {k: args[k] for k in DECODING_KEYS if args[k] is not None}
+    overrides = decoding_overrides(args)
     folder = export_inference(args["path"], args["folder"], args["min_key"], overrides)
     print(f"Inference folder: {folder}")
     return folder

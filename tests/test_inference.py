@@ -1,18 +1,25 @@
 """Inference folders: SpeechBrain interfaces that give the evaluation's hypotheses."""
 
+import csv
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile
 import speechbrain as sb
+import torch
 from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.inference.ASR import EncoderASR
 from test_recipe import run_train
 
 import adapt
+import transcribe
 from speechbrain_meta.audio import read_audio
 from speechbrain_meta.errors import SetupError
-from speechbrain_meta.inference import CTCASR, AttentionASR, load_asr, main
+from speechbrain_meta.experiment import run_script
+from speechbrain_meta.inference import CTCASR, AttentionASR, load_asr, main, pieces
 from speechbrain_meta.ngram import task_sentences, write_arpa
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,3 +175,76 @@ def test_the_export_command_and_its_errors(family, tmp_path, capsys):
         main(["export", str(tmp_path), str(tmp_path / "none")])
     with pytest.raises(SetupError, match="is not a speechbrain-meta model folder"):
         load_asr(str(tmp_path))
+
+
+@pytest.fixture
+def ctc_folder(family, tiny_corpus):
+    if family["cls"] is not CTCASR:
+        pytest.skip("one family is enough for the command")
+    return family["root"] / "train" / "inference"
+
+
+def test_transcribe_command_outputs(ctc_folder, tiny_corpus, tmp_path, capsys):
+    files = list(target_files(tiny_corpus, "de").values())
+    signal, rate = soundfile.read(files[0])
+    stereo = tmp_path / "stereo.wav"  # two equal channels: the same mono mean
+    soundfile.write(str(stereo), np.stack([signal, signal], axis=1), rate)
+    low = tmp_path / "8k.flac"
+    soundfile.write(str(low), signal[::2], rate // 2)
+    paths = [*files, str(stereo), str(low)]
+    rows = transcribe.main([str(ctc_folder), *paths])
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"{r['path']}\t{r['text']}" for r in rows]
+    assert "4/4" in err  # the progress bar
+    asr = load_asr(str(ctc_folder), savedir=str(tmp_path / "s"))
+    expected = [asr.transcribe_file(path) for path in files]
+    assert [r["text"] for r in rows[:3]] == [*expected, expected[0]]
+    assert rows[3]["text"] == asr.transcribe_file(str(low))
+    for name in ("results.csv", "results.json"):
+        transcribe.main([str(ctc_folder), *paths, "--output", str(tmp_path / name)])
+    with open(tmp_path / "results.csv", encoding="utf-8") as stream:
+        assert list(csv.DictReader(stream)) == rows
+    assert json.loads((tmp_path / "results.json").read_text("utf-8")) == rows
+
+
+def test_long_files_are_cut_in_their_pauses(ctc_folder, tiny_corpus, tmp_path):
+    files = list(target_files(tiny_corpus, "de").values())
+    first, second = (soundfile.read(f)[0] for f in files)
+    pause = np.zeros(8000)
+    long = np.concatenate([first, pause, second, pause, first])
+    path = tmp_path / "long.wav"
+    soundfile.write(str(path), long, 16000)
+    seconds = (len(first) + 8000 + len(second) + 4000) / 16000
+    cuts = pieces(torch.from_numpy(long).float(), 16000, seconds)
+    assert len(cuts) >= 2 and cuts[0][0] == 0 and cuts[-1][1] == len(long)
+    assert all(a[1] == b[0] for a, b in zip(cuts, cuts[1:]))
+    pauses = [len(first), len(first) + 8000 + len(second)]
+    for _, end in cuts[:-1]:  # every cut in a pause
+        assert any(p <= end < p + 8000 for p in pauses), (end, pauses)
+    argv = [str(ctc_folder), str(path), "--max_seconds", str(seconds)]
+    (row,) = transcribe.main(argv)
+    assert row["text"]
+    (whole,) = transcribe.main([str(ctc_folder), str(path)])  # 30 s: one piece
+    asr = load_asr(str(ctc_folder), savedir=str(tmp_path / "s"))
+    assert whole["text"] == asr.transcribe_file(str(path))
+
+
+@pytest.mark.parametrize("problem", ["not a model", "missing", "empty", "corrupt"])
+def test_transcribe_command_errors(ctc_folder, tmp_path, capsys, problem):
+    audio = tmp_path / "a.wav"
+    model = str(tmp_path) if problem == "not a model" else str(ctc_folder)
+    if problem == "not a model":
+        soundfile.write(str(audio), np.full(1600, 0.1), 16000)
+    elif problem != "missing":
+        audio.write_bytes(b"" if problem == "empty" else b"not audio at all")
+    with pytest.raises(SystemExit) as stop:
+        run_script(transcribe.main, [model, str(audio)])
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    expected = {
+        "not a model": "is not a speechbrain-meta model folder",
+        "missing": "no such file",
+        "empty": "empty file (0 bytes)",
+        "corrupt": "Cannot read the audio file",
+    }[problem]
+    assert line.startswith("error: ") and expected in line
