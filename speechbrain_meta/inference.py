@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 import os
 import shutil
 import sys
@@ -61,6 +62,7 @@ from speechbrain.inference.ASR import EncoderASR, EncoderDecoderASR
 from speechbrain.utils.distributed import if_main_process
 
 from speechbrain_meta.adaptation import _resize_rows, _row_holder, find_init_checkpoint
+from speechbrain_meta.asr import has_checkpoints
 from speechbrain_meta.audio import read_audio
 from speechbrain_meta.decoding import CTC_DECODERS, CTCDecoder, label_words
 from speechbrain_meta.errors import SetupError
@@ -80,6 +82,8 @@ __all__ = [
     "transcribe_long",
     "write_inference",
 ]
+
+logger = logging.getLogger(__name__)
 
 # The run's keys that the model and its decoding need (those it has).
 MODEL_KEYS = (
@@ -345,14 +349,17 @@ def export_run(hparams: dict, checkpoint: Optional[str] = None) -> None:
         The script's loaded YAML (``output_folder``, ``save_folder``).
     checkpoint : str, optional
         The ``CKPT+`` folder in ``save_folder`` to export (``adapt.py``:
-        ``CKPT+adapted``); None: the one of lowest validation CER.
+        ``CKPT+adapted``); None: the one of lowest validation CER. A run
+    without checkpoints (``--debug``) writes none, with a warning.
     """
-    if if_main_process():
-        folder = hparams["output_folder"]
-        path = folder
-        if checkpoint is not None:
-            path = os.path.join(hparams["save_folder"], checkpoint)
-        export_inference(path, os.path.join(folder, "inference"))
+    if not if_main_process():
+        return
+    folder, save_folder = hparams["output_folder"], hparams["save_folder"]
+    if not has_checkpoints(save_folder):  # SpeechBrain's --debug saves none
+        logger.warning(f"No checkpoint in {save_folder}: no inference folder.")
+        return
+    path = folder if checkpoint is None else os.path.join(save_folder, checkpoint)
+    export_inference(path, os.path.join(folder, "inference"))
 
 
 class _FolderMixin:

@@ -23,9 +23,20 @@ from speechbrain_meta.inference import CTCASR, AttentionASR, load_asr, main, pie
 from speechbrain_meta.ngram import task_sentences, write_arpa
 
 REPO = Path(__file__).resolve().parents[1]
+# name: (train.py YAML and options, adapt.py YAML and options, inference class)
 FAMILIES = {
-    "ctc": ("maml_ctc.yaml", "adapt_ctc.yaml", CTCASR),
-    "attention": ("multitask_attention.yaml", "adapt_attention.yaml", AttentionASR),
+    "ctc": (["maml_ctc.yaml"], ["adapt_ctc.yaml"], CTCASR),
+    "lora": (["maml_lora_ctc.yaml"], ["adapt_lora_ctc.yaml"], CTCASR),
+    "transformer": (
+        ["multitask_attention.yaml"],
+        ["adapt_attention.yaml"],
+        AttentionASR,
+    ),
+    "rnn": (
+        ["multitask_attention.yaml", "--decoder_type", "rnn"],
+        ["adapt_attention.yaml", "--decoder_type", "rnn"],
+        AttentionASR,
+    ),
 }
 
 
@@ -51,8 +62,9 @@ def target_files(corpus: dict, lang: str) -> dict:
 
 
 def evaluate(corpus, init, out, yaml, target, batch_size, steps="[0]", *options):
+    """adapt.py's scores of ``target`` after ``steps``: the hypotheses of wer.txt."""
     argv = [
-        str(REPO / "hparams" / yaml), "--noprogressbar",
+        str(REPO / "hparams" / yaml[0]), *yaml[1:], "--noprogressbar",
         "--data_folder", corpus["data_folder"], "--output_folder", str(out),
         "--init_checkpoint", str(init), "--target", target,
         "--budget", "6", "--budget_unit", "utterances", "--curve_steps", steps,
@@ -62,23 +74,42 @@ def evaluate(corpus, init, out, yaml, target, batch_size, steps="[0]", *options)
     return scored(out)
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request, tiny_corpus, tmp_path_factory):
-    """A short train.py run of the family.
+@pytest.fixture(scope="module")
+def trained(tiny_corpus, tmp_path_factory):
+    """``trained(name)``: a short train.py run of a family, made once.
 
     Its learning rate is negligible: the model stays near its random
     initialisation and emits many labels (spare rows included), where a
     trained tiny model sits on CTC's all-blank plateau and every hypothesis
     would be empty.
     """
-    train_yaml, adapt_yaml, cls = FAMILIES[request.param]
-    root = tmp_path_factory.mktemp(request.param)
-    run_train(
-        REPO / "hparams" / train_yaml, tiny_corpus, root / "train",
-        "--number_of_epochs", "1", "--episodes_per_epoch", "2",
-        "--tasks_per_batch", "2", "--eval_episodes", "2", "--meta_lr", "1e-9",
-    )  # fmt: skip
-    return {"root": root, "adapt_yaml": adapt_yaml, "cls": cls}
+    runs = {}
+
+    def train(name: str) -> dict:
+        if name not in runs:
+            train_yaml, adapt_yaml, cls = FAMILIES[name]
+            root = tmp_path_factory.mktemp(name)
+            run_train(
+                REPO / "hparams" / train_yaml[0], tiny_corpus, root / "train",
+                *train_yaml[1:],
+                "--number_of_epochs", "1", "--episodes_per_epoch", "2",
+                "--tasks_per_batch", "2", "--eval_episodes", "2",
+                "--meta_lr", "1e-9",
+            )  # fmt: skip
+            runs[name] = {"root": root, "adapt_yaml": adapt_yaml, "cls": cls}
+        return runs[name]
+
+    return train
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request, trained):
+    return trained(request.param)
+
+
+@pytest.fixture
+def ctc(trained):
+    return trained("ctc")
 
 
 def check_folder(folder: Path, files: dict, hypotheses: dict, cls, savedir: Path):
@@ -138,17 +169,15 @@ def test_inference_gives_the_evaluations_hypotheses(family, tiny_corpus, tmp_pat
 
 @pytest.mark.parametrize("kind", ["beam", "prefix_beam"])
 def test_beam_search_with_an_lm_in_the_curve_and_the_folder(
-    family, tiny_corpus, tmp_path, kind
+    ctc, tiny_corpus, tmp_path, kind
 ):
     """adapt.py's curve and its inference folder decode with the same beam + LM."""
-    if family["cls"] is not CTCASR:
-        pytest.skip("CTC decoding only")
     pytest.importorskip("kenlm", reason="kenlm is not installed (pip install .[lm])")
     lm = tmp_path / "cs.arpa"
     write_arpa(task_sentences(tiny_corpus["train"], "cs"), str(lm), order=2)
     out = tmp_path / "lm"
     hypotheses = evaluate(
-        tiny_corpus, family["root"] / "train", out, "adapt_ctc_lm.yaml", "cs", 1,
+        tiny_corpus, ctc["root"] / "train", out, ["adapt_ctc_lm.yaml"], "cs", 1,
         "[0, 3]", "--lr", "1e-5", "--ctc_decoder", kind, "--kenlm_model_path", str(lm),
     )  # fmt: skip
     folder = out / "inference"
@@ -178,10 +207,8 @@ def test_the_export_command_and_its_errors(family, tmp_path, capsys):
 
 
 @pytest.fixture
-def ctc_folder(family, tiny_corpus):
-    if family["cls"] is not CTCASR:
-        pytest.skip("one family is enough for the command")
-    return family["root"] / "train" / "inference"
+def ctc_folder(ctc):
+    return ctc["root"] / "train" / "inference"
 
 
 def test_transcribe_command_outputs(ctc_folder, tiny_corpus, tmp_path, capsys):
