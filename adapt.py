@@ -63,6 +63,7 @@ from speechbrain_meta.asr import (
 from speechbrain_meta.checkpoints import nonfinite_tensors
 from speechbrain_meta.errors import SetupError
 from speechbrain_meta.experiment import experiment, run_script
+from speechbrain_meta.inference import export_run
 from speechbrain_meta.inner_rates import InnerRates, LearntRateSGD
 from speechbrain_meta.parameters import set_trainable
 from speechbrain_meta.protocol import budget_label, write_results
@@ -288,7 +289,9 @@ def main(argv: list) -> list:
         The curve points (see :func:`adapt`).
     """
     with experiment(argv, script=__file__) as (hparams, run_opts):
-        return adapt(hparams, run_opts)
+        curve = adapt(hparams, run_opts)
+        export_run(hparams, checkpoint="CKPT+adapted")
+    return curve
 
 
 if __name__ == "__main__":

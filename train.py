@@ -26,6 +26,7 @@ from speechbrain_meta import MetaBrain
 from speechbrain_meta.asr import ASR, dataio_prepare, warm_start
 from speechbrain_meta.errors import SetupError
 from speechbrain_meta.experiment import experiment, run_script
+from speechbrain_meta.inference import export_run
 
 
 def main(argv: list) -> None:
@@ -90,6 +91,7 @@ def meta_train(hparams: dict, run_opts: dict) -> None:
         min_key="CER",
         test_loader_kwargs={"batch_sampler": samplers["test"]},
     )
+    export_run(hparams)
     if torch.distributed.is_initialized():
         # Release the process group ourselves rather than leave it to the
         # interpreter's shutdown (PyTorch warns about that with NCCL).

@@ -41,6 +41,7 @@ from speechbrain_meta.adaptation import (
     load_init_parameters,
 )
 from speechbrain_meta.audio import read_audio
+from speechbrain_meta.decoding import CTCDecoder, encoder_labels, label_words
 from speechbrain_meta.errors import SetupError
 from speechbrain_meta.label_encoder import (
     check_encoder_sources,
@@ -160,16 +161,15 @@ class ASR:
     def compute_objectives(self, predictions, batch, stage):
         """CTC (+ attention) loss; error rates of the decoding outside training.
 
-        CTC models are decoded greedily, joint models by beam search.
+        CTC models are decoded with the YAML's ``ctc_decoder`` (greedy by
+        default, :meth:`decode_ctc`), joint models by beam search.
         """
         tokens, tokens_lens = batch.tokens
         if len(predictions) == 2:
             p_ctc, wav_lens = predictions
             loss = self.hparams.ctc_cost(p_ctc, tokens, wav_lens, tokens_lens)
             if stage != sb.Stage.TRAIN:
-                hyps = sb.decoders.ctc_greedy_decode(
-                    p_ctc, wav_lens, blank_id=self.hparams.blank_index
-                )
+                predicted = self.decode_ctc(p_ctc, wav_lens)
         else:
             p_ctc, p_seq, wav_lens, hyps = predictions
             tokens_eos, tokens_eos_lens = batch.tokens_eos
@@ -177,8 +177,9 @@ class ASR:
             loss_seq = self.hparams.seq_cost(p_seq, tokens_eos, length=tokens_eos_lens)
             weight = self.hparams.ctc_weight
             loss = weight * loss_ctc + (1 - weight) * loss_seq
+            if stage != sb.Stage.TRAIN:
+                predicted = [self.to_words(seq) for seq in hyps]
         if stage != sb.Stage.TRAIN:
-            predicted = [self.to_words(seq) for seq in hyps]
             targets = [text.split() for text in batch.wrd]
             self.wer_metric.append(batch.id, predicted, targets)
             self.cer_metric.append(batch.id, predicted, targets)
@@ -191,8 +192,20 @@ class ASR:
         no label yet; an untrained model may still emit them, and they are
         skipped.
         """
-        labels = self.tokenizer.ind2lab
-        return "".join(labels[t] for t in map(int, tokens) if t in labels).split()
+        return label_words(tokens, self.tokenizer.ind2lab)
+
+    def decode_ctc(self, p_ctc, wav_lens) -> list:
+        """Words of each utterance of a batch of CTC log-probabilities.
+
+        The YAML's ``ctc_decoder`` (:class:`speechbrain_meta.decoding.CTCDecoder`)
+        over the labels of ``self.tokenizer``, made again when they change
+        (``adapt.py`` adds a target's letters).
+        """
+        decoder = getattr(self, "_ctc_decoder", None)
+        if decoder is None or decoder.labels != encoder_labels(self.tokenizer):
+            decoder = CTCDecoder.from_hparams(vars(self.hparams), self.tokenizer)
+            self._ctc_decoder = decoder
+        return decoder(p_ctc, wav_lens)
 
     def on_stage_start(self, stage, epoch=None):
         """Fresh error-rate statistics for every evaluation stage."""
