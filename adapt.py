@@ -16,7 +16,10 @@ curve point; the curve on the test set, trained on the whole budget, stays a
 report, and its weights at the chosen step are the ones kept.
 
 Outputs in ``output_folder``: ``curve.csv`` (``init, target, budget, step,
-cer, wer``), ``selection.json`` (the held-out points and the choice),
+cer, wer``), ``utterances.csv`` (every test utterance's character and word
+edits and reference lengths at every curve point: ``step, ID, char_errors,
+chars, word_errors, words``), ``selection.json`` (the held-out points and
+the choice),
 ``wer.txt`` / ``cer.txt`` of the last curve point, ``train_log.txt``, and in
 ``save/`` the adapted model at the chosen step (``CKPT+adapted/model.ckpt``,
 its meta holding that step and its test CER and WER) with its extended
@@ -68,6 +71,7 @@ from speechbrain_meta.inner_rates import InnerRates, LearntRateSGD
 from speechbrain_meta.parameters import set_trainable
 from speechbrain_meta.protocol import budget_label, write_results
 from speechbrain_meta.selection import hold_out, select_updates
+from speechbrain_meta.study import utterance_scores, write_utterances
 
 logger = logging.getLogger(__name__)
 
@@ -173,9 +177,12 @@ def adapt(hparams: dict, run_opts: dict) -> list:
     }
     selection = select_schedule(brain, subset, hparams, options)
     chosen = selection.step if selection else hparams["curve_steps"][-1]
-    kept = {}
+    kept, utterances = {}, []
 
     def keep(point: dict) -> None:
+        utterances.extend(
+            utterance_scores(point["step"], brain.cer_metric, brain.wer_metric)
+        )
         if point["step"] == chosen:
             kept.update(point=point, weights=copy.deepcopy(brain.modules.state_dict()))
 
@@ -189,6 +196,8 @@ def adapt(hparams: dict, run_opts: dict) -> list:
     }
     rows = [{**names, **point} for point in curve]
     write_results(rows, os.path.join(hparams["output_folder"], "curve.csv"))
+    folder = hparams["output_folder"]
+    write_utterances(utterances, os.path.join(folder, "utterances.csv"))
     brain.modules.load_state_dict(kept["weights"])
     broken = nonfinite_tensors(hparams["model"])
     if broken:

@@ -24,6 +24,7 @@ from speechbrain.utils.distributed import run_on_main
 from recipes.embedded_corpus.prepare import prepare_embedded_corpus
 from speechbrain_meta import MetaBrain
 from speechbrain_meta.asr import ASR, dataio_prepare, warm_start
+from speechbrain_meta.compute_budget import write_training_record
 from speechbrain_meta.errors import SetupError
 from speechbrain_meta.experiment import experiment, run_script
 from speechbrain_meta.inference import export_run
@@ -86,6 +87,7 @@ def meta_train(hparams: dict, run_opts: dict) -> None:
         train_loader_kwargs={"batch_sampler": samplers["train"]},
         valid_loader_kwargs={"batch_sampler": samplers["valid"]},
     )
+    run_on_main(write_training_record, args=[asr_brain, hparams["output_folder"]])
     asr_brain.evaluate(
         datasets["test"],
         min_key="CER",

@@ -284,6 +284,8 @@ def test_protocol_writes_csv_report_and_plots(init_run, tiny_corpus, tmp_path):
     assert all(0 <= r["cer"] and 0 <= r["wer"] for r in rows)
     with open(outputs["csv"], encoding="utf-8") as stream:
         assert stream.readline().strip() == ",".join(RESULT_FIELDS)
+    # One seed: today's columns and layout, and a summary beside the CSV.
+    assert not list(out.glob("seed_*")) and os.path.isfile(outputs["summary"])
 
     report = open(outputs["report"], encoding="utf-8").read()
     assert report.startswith("# Test protocol")
