@@ -195,8 +195,8 @@ def adapt(hparams: dict, run_opts: dict) -> list:
         "budget": budget_label(hparams["budget"], hparams["budget_unit"]),
     }
     rows = [{**names, **point} for point in curve]
-    write_results(rows, os.path.join(hparams["output_folder"], "curve.csv"))
     folder = hparams["output_folder"]
+    write_results(rows, os.path.join(folder, "curve.csv"))
     write_utterances(utterances, os.path.join(folder, "utterances.csv"))
     brain.modules.load_state_dict(kept["weights"])
     broken = nonfinite_tensors(hparams["model"])
