@@ -15,7 +15,7 @@ system-deps:
 $(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,plot]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,plot,ssl,lm]"
 	touch $@
 
 test: setup

@@ -9,11 +9,21 @@ audio or utterances) with the ``ASR`` recipe of ``train.py`` in a plain
 target that the initialisation never saw are added to its character encoder
 and output layer (see docs/adaptation.md).
 
+The number of updates (and, with ``selection_lrs``, the learning rate) is
+chosen without the test set: fine-tuning on the budget less a held-out part
+(``selection_fraction``, 20 % by default), scored on that part after each
+curve point; the curve on the test set, trained on the whole budget, stays a
+report, and its weights at the chosen step are the ones kept.
+
 Outputs in ``output_folder``: ``curve.csv`` (``init, target, budget, step,
-cer, wer``), ``wer.txt`` / ``cer.txt`` of the last curve point,
-``train_log.txt``, and in ``save/`` the adapted model after the last step
-(``CKPT+adapted/model.ckpt``, its meta holding the last point's CER and WER)
-with its extended character encoder (``label_encoder.txt``): the folder is an
+cer, wer``), ``utterances.csv`` (every test utterance's character and word
+edits and reference lengths at every curve point: ``step, ID, char_errors,
+chars, word_errors, words``), ``selection.json`` (the held-out points and
+the choice),
+``wer.txt`` / ``cer.txt`` of the last curve point, ``train_log.txt``, and in
+``save/`` the adapted model at the chosen step (``CKPT+adapted/model.ckpt``,
+its meta holding that step and its test CER and WER) with its extended
+character encoder (``label_encoder.txt``): the folder is an
 initialisation that ``train.py --init_from`` and ``adapt.py
 --init_checkpoint`` read. Utterances whose audio is silent or not finite are
 left out (and counted) before adaptation and testing.
@@ -30,6 +40,8 @@ Authors
 speechbrain-meta developers
 """
 
+import copy
+import json
 import logging
 import os
 import sys
@@ -54,9 +66,12 @@ from speechbrain_meta.asr import (
 from speechbrain_meta.checkpoints import nonfinite_tensors
 from speechbrain_meta.errors import SetupError
 from speechbrain_meta.experiment import experiment, run_script
+from speechbrain_meta.inference import export_run
 from speechbrain_meta.inner_rates import InnerRates, LearntRateSGD
 from speechbrain_meta.parameters import set_trainable
 from speechbrain_meta.protocol import budget_label, write_results
+from speechbrain_meta.selection import hold_out, select_updates
+from speechbrain_meta.study import utterance_scores, write_utterances
 
 logger = logging.getLogger(__name__)
 
@@ -153,19 +168,26 @@ def adapt(hparams: dict, run_opts: dict) -> list:
         run_opts=run_opts,
     )
     brain.tokenizer = encoder
+    options = {
+        "train_loader_kwargs": {"batch_size": hparams["batch_size"]},
+        "test_loader_kwargs": {"batch_size": hparams["test_batch_size"]},
+        "seed": hparams["seed"],
+        "metrics": error_rates,
+        "progressbar": not brain.noprogressbar,
+    }
+    selection = select_schedule(brain, subset, hparams, options)
+    chosen = selection.step if selection else hparams["curve_steps"][-1]
+    kept, utterances = {}, []
+
+    def keep(point: dict) -> None:
+        utterances.extend(
+            utterance_scores(point["step"], brain.cer_metric, brain.wer_metric)
+        )
+        if point["step"] == chosen:
+            kept.update(point=point, weights=copy.deepcopy(brain.modules.state_dict()))
+
     curve = adaptation_curve(
-        brain,
-        subset,
-        test,
-        hparams["curve_steps"],
-        train_loader_kwargs={"batch_size": hparams["batch_size"]},
-        test_loader_kwargs={"batch_size": hparams["test_batch_size"]},
-        seed=hparams["seed"],
-        metrics=lambda b: {
-            "cer": b.cer_metric.summarize("error_rate"),
-            "wer": b.wer_metric.summarize("error_rate"),
-        },
-        progressbar=not brain.noprogressbar,
+        brain, subset, test, hparams["curve_steps"], on_point=keep, **options
     )
     names = {
         "init": hparams["init_name"],
@@ -173,21 +195,93 @@ def adapt(hparams: dict, run_opts: dict) -> list:
         "budget": budget_label(hparams["budget"], hparams["budget_unit"]),
     }
     rows = [{**names, **point} for point in curve]
-    write_results(rows, os.path.join(hparams["output_folder"], "curve.csv"))
-    last = curve[-1]
+    folder = hparams["output_folder"]
+    write_results(rows, os.path.join(folder, "curve.csv"))
+    write_utterances(utterances, os.path.join(folder, "utterances.csv"))
+    brain.modules.load_state_dict(kept["weights"])
     broken = nonfinite_tensors(hparams["model"])
     if broken:
         raise RuntimeError(
             f"The adapted model is not finite ({sorted(broken)[:5]}); it is not "
             "saved: lower lr, or use --adapt_optimizer adam."
         )
+    point = kept["point"]
     sb.utils.checkpoints.Checkpointer(
         hparams["save_folder"], {"model": hparams["model"]}
     ).save_checkpoint(
-        meta={"CER": last["cer"], "WER": last["wer"], "step": last["step"]},
+        meta={"CER": point["cer"], "WER": point["wer"], "step": point["step"]},
         name="adapted",
     )
     return rows
+
+
+def error_rates(brain: sb.Brain) -> dict:
+    """The CER and WER of the recipe's metric trackers after an evaluation."""
+    return {
+        "cer": brain.cer_metric.summarize("error_rate"),
+        "wer": brain.wer_metric.summarize("error_rate"),
+    }
+
+
+def select_schedule(brain: sb.Brain, subset, hparams: dict, options: dict):
+    """Choose the number of updates (and rate) on a held-out part of the budget.
+
+    With ``selection_fraction: 0``, or a budget of one utterance, there is
+    no selection (None: the model after the last curve point is kept).
+    Otherwise the chosen schedule is written to
+    ``<output_folder>/selection.json`` and, when a rate was chosen, set in
+    the Brain's ``opt_class``.
+
+    Arguments
+    ---------
+    brain : speechbrain.core.Brain
+        The Brain holding the initialisation (left as it was).
+    subset : Dataset
+        The budget's utterances.
+    hparams : dict
+        The loaded YAML (``selection_fraction``, ``selection_lrs``,
+        ``curve_steps``, ``seed``, ``adapt_optimizer``, ``output_folder``).
+    options : dict
+        The options of :func:`adaptation_curve` (loaders, seed, metrics).
+
+    Returns
+    -------
+    speechbrain_meta.selection.Selection or None
+        What was chosen.
+    """
+    fraction = hparams["selection_fraction"]
+    if not fraction:
+        return None
+    if len(subset) < 2:
+        logger.warning(
+            f"A budget of {len(subset)} utterance cannot be split to choose the "
+            "number of updates: keeping the last curve step."
+        )
+        return None
+    lrs = hparams["selection_lrs"]
+    if lrs and hparams["adapt_optimizer"] == "learnt":
+        raise SetupError(
+            "selection_lrs cannot be combined with --adapt_optimizer learnt "
+            "(the learnt rates are the rates): set --selection_lrs null."
+        )
+    fit, held_out = hold_out(subset, fraction, hparams["seed"])
+    selection = select_updates(
+        brain, fit, held_out, hparams["curve_steps"], lrs, **options
+    )
+    if selection.lr is not None:
+        brain.opt_class = partial(brain.opt_class, lr=selection.lr)
+    record = {
+        "fit_utterances": len(fit),
+        "held_out_utterances": len(held_out),
+        "held_out_ids": sorted(held_out.data_ids),
+        "step": selection.step,
+        "lr": selection.lr,
+        "points": selection.points,
+    }
+    path = os.path.join(hparams["output_folder"], "selection.json")
+    with open(path, "w", encoding="utf-8") as stream:
+        json.dump(record, stream, indent=2)
+    return selection
 
 
 def main(argv: list) -> list:
@@ -204,7 +298,9 @@ def main(argv: list) -> list:
         The curve points (see :func:`adapt`).
     """
     with experiment(argv, script=__file__) as (hparams, run_opts):
-        return adapt(hparams, run_opts)
+        curve = adapt(hparams, run_opts)
+        export_run(hparams, checkpoint="CKPT+adapted")
+    return curve
 
 
 if __name__ == "__main__":

@@ -17,8 +17,19 @@ and runs its stages in order, each a subprocess into its own folder under
    ``adapt_hparams_of`` / ``adapt_overrides_of`` give an init its own, e.g. a
    LoRA model's YAML) and the character encoder of the first trained init for
    all of them;
-4. ``adaptation.csv`` (``init, target, budget, step, cer, wer``), ``report.md``
-   and ``cer_<target>.png`` in ``output_folder``.
+4. ``adaptation.csv`` (``init, target, budget, step, cer, wer``),
+   ``summary.csv`` (:mod:`speechbrain_meta.study`: CER over seeds, paired
+   difference against the multitask baseline of each init's ``regimes``
+   with a bootstrap interval), ``report.md`` and ``cer_<target>.png`` in
+   ``output_folder``.
+
+With ``seeds: [s1, s2, ...]`` steps 1-3 run for every seed: the first with
+the YAML's folders, every other one with its own data (``<key>_<seed>`` for
+the keys of ``seed_folders``, default ``data_folder``) and stages
+(``<output_folder>/seed_<seed>``); ``adaptation.csv`` then has a ``seed``
+column and the plots show the mean over seeds with a min-max band. A
+protocol's ``train_time_budget_minutes`` is passed to every training (equal
+compute; see :mod:`speechbrain_meta.compute_budget`).
 
 A stage that finished with the same resolved hyperparameters, run options and
 input checkpoints is skipped, so a rerun reuses the finished stages; an
@@ -32,6 +43,7 @@ Example
 -------
 python evaluate_adaptation.py hparams/protocol_demo.yaml
 python evaluate_adaptation.py hparams/protocol_full.yaml --output_folder results/full
+python evaluate_adaptation.py hparams/protocol_study.yaml
 torchrun --nproc_per_node 2 evaluate_adaptation.py hparams/protocol_demo.yaml
 
 Authors
@@ -41,12 +53,19 @@ speechbrain-meta developers
 
 import os
 import sys
+from typing import Callable, Optional
 
+import ruamel.yaml
+import speechbrain as sb
+
+from speechbrain_meta.compute_budget import read_training_record
 from speechbrain_meta.errors import SetupError
 from speechbrain_meta.experiment import experiment, run_script
+from speechbrain_meta.hparams import load_hparams
 from speechbrain_meta.protocol import (
     budget_label,
     init_parameters,
+    parse_budget,
     plot_curves,
     read_results,
     reference_encoder,
@@ -59,6 +78,18 @@ from speechbrain_meta.stages import (
     option_args,
     run_option_args,
     run_stage,
+)
+from speechbrain_meta.study import (
+    init_regimes,
+    mean_over_seeds,
+    protocol_seeds,
+    read_utterances,
+    seed_overrides,
+    selected_step,
+    summary_markdown,
+    summary_rows,
+    training_markdown,
+    write_summary,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -78,15 +109,23 @@ def main(argv: list) -> dict:
     Returns
     -------
     dict
-        ``csv``, ``report`` and ``plots`` paths.
+        ``csv``, ``summary``, ``report`` and ``plots`` paths.
     """
+    hparams_file, _, overrides = sb.parse_arguments(argv)
+    overrides = ruamel.yaml.YAML().load(overrides) if overrides else {}
+
+    def reload(changes: dict) -> dict:
+        return load_hparams(hparams_file, {**overrides, **changes})
+
     # No process group here: the training stages under torchrun make their own.
     with experiment(argv, script=__file__, distributed=False) as (hparams, run_opts):
-        return run_protocol(hparams, run_opts)
+        return run_protocol(hparams, run_opts, reload)
 
 
-def run_protocol(hparams: dict, run_opts) -> dict:
-    """Run the stages of a loaded protocol YAML; return its outputs' paths.
+def run_protocol(
+    hparams: dict, run_opts, reload: Optional[Callable[[dict], dict]] = None
+) -> dict:
+    """Run the stages of a loaded protocol YAML for every seed; write the results.
 
     Arguments
     ---------
@@ -94,15 +133,23 @@ def run_protocol(hparams: dict, run_opts) -> dict:
         The loaded protocol YAML.
     run_opts : dict
         SpeechBrain run options, passed on to every stage.
+    reload : callable, optional
+        ``reload(overrides) -> hparams``: the protocol YAML loaded again with
+        a seed's overrides (:func:`speechbrain_meta.study.seed_overrides`);
+        needed for ``seeds`` other than the YAML's ``seed``.
 
     Returns
     -------
     dict
-        ``csv``, ``report`` and ``plots`` paths (empty on the other ranks of
-        a ``torchrun`` launch).
+        ``csv``, ``summary``, ``report`` and ``plots`` paths (empty on the
+        other ranks of a ``torchrun`` launch).
+
+    Raises
+    ------
+    speechbrain_meta.errors.SetupError
+        For unknown ``adapted_inits`` or ``regimes``, before any stage.
     """
     out = hparams["output_folder"]
-    passed_on = run_option_args(run_opts)
     # Read by torch, MKL and oneDNN when every stage's process starts.
     if hparams.get("num_threads"):
         os.environ["OMP_NUM_THREADS"] = str(hparams["num_threads"])
@@ -112,12 +159,77 @@ def run_protocol(hparams: dict, run_opts) -> dict:
     unknown = set(adapted) - set(hparams["inits"])
     if unknown:
         raise SetupError(f"adapted_inits {sorted(unknown)} are not in inits.")
+    regimes, baselines = init_regimes(hparams, adapted)
+    seeds = protocol_seeds(hparams)
 
+    rows, scores, selected, trainings = [], {}, {}, {}
+    for index, seed in enumerate(seeds):
+        overrides = seed_overrides(hparams, seed, first=index == 0)
+        if overrides and reload is None:
+            raise SetupError("Another seed needs the protocol YAML to reload it.")
+        seed_hparams = reload(overrides) if overrides else hparams
+        stages = run_seed(seed_hparams, run_opts, adapted)
+        for init, folder in stages["train"].items():
+            trainings[(seed, init)] = read_training_record(folder)
+        for (target, label, init), folder in stages["adapt"].items():
+            curve = read_results(os.path.join(folder, "curve.csv"))
+            rows += [{"seed": seed, **row} for row in curve]
+            key = (seed, target, label, init)
+            scores[key] = read_utterances(folder)
+            selected[key] = selected_step(folder, [row["step"] for row in curve])
+    if not is_main_rank():
+        return {}
+
+    outputs = {
+        "csv": os.path.join(out, "adaptation.csv"),
+        "summary": os.path.join(out, "summary.csv"),
+        "report": os.path.join(out, "report.md"),
+    }
+    write_results(rows, outputs["csv"], seeded=len(seeds) > 1)
+    summary = summary_rows(rows, scores, selected, regimes, baselines)
+    write_summary(summary, outputs["summary"])
+    title = hparams["title"]
+    if len(seeds) > 1:
+        title += f" (mean of {len(seeds)} seeds: {', '.join(map(str, seeds))})"
+    report = report_markdown(mean_over_seeds(rows), hparams["comparisons"], title)
+    report += summary_markdown(summary) + training_markdown(trainings)
+    with open(outputs["report"], "w", encoding="utf-8") as stream:
+        stream.write(report)
+    outputs["plots"] = plot_curves(rows, out)
+    print(report)
+    print(f"Results: {outputs['csv']}")
+    print(f"Summary: {outputs['summary']}")
+    print(f"Report:  {outputs['report']}")
+    print(f"Plots:   {', '.join(outputs['plots'])}")
+    return outputs
+
+
+def run_seed(hparams: dict, run_opts, adapted: list) -> dict:
+    """Run the stages of one seed: data, trainings, adaptations.
+
+    Arguments
+    ---------
+    hparams : dict
+        The protocol YAML loaded for the seed.
+    run_opts : dict
+        SpeechBrain run options, passed on to every stage.
+    adapted : list of str
+        The inits to adapt.
+
+    Returns
+    -------
+    dict
+        ``train``: init -> training folder; ``adapt``: (target, budget
+        label, init) -> adaptation folder (empty on the other ranks).
+    """
+    out = hparams["output_folder"]
+    passed_on = run_option_args(run_opts)
     if is_main_rank():
         for prepare in hparams["data_preparation"]:
             prepare()
 
-    checkpoints = {}
+    budget = hparams.get("train_time_budget_minutes")
+    checkpoints, trained = {}, {}
     for init, source in hparams["inits"].items():
         if source is None or not source.endswith(".yaml"):
             checkpoints[init] = source
@@ -125,26 +237,28 @@ def run_protocol(hparams: dict, run_opts) -> dict:
         folder = os.path.join(out, "train", init)
         options = {
             **hparams["train_overrides"],
+            **({"train_time_budget_minutes": budget} if budget else {}),
             **hparams.get("init_overrides", {}).get(init, {}),
         }
         args = [source, "--output_folder", folder, *passed_on, *option_args(options)]
         inputs = [init_parameters(options, "init_from")]
         run_stage(f"Training {init}", folder, TRAIN, args, inputs, distributed=True)
-        checkpoints[init] = folder
+        checkpoints[init] = trained[init] = folder
     if not is_main_rank():
-        return {}
+        return {"train": trained, "adapt": {}}
     checkpoints = {init: checkpoints[init] for init in adapted}
     encoder_file = reference_encoder(checkpoints)
 
-    rows = []
+    folders = {}
     runs = [
         (target, budget, init)
         for target in hparams["targets"]
         for budget in hparams["budgets"]
         for init in adapted
     ]
-    for number, (target, budget, init) in enumerate(runs, start=1):
-        label = budget_label(budget, hparams["budget_unit"])
+    for number, (target, item, init) in enumerate(runs, start=1):
+        budget, unit = parse_budget(item, hparams["budget_unit"])
+        label = budget_label(budget, unit)
         folder = os.path.join(out, "adapt", target, label, init)
         options = {
             "init_name": init,
@@ -154,7 +268,7 @@ def run_protocol(hparams: dict, run_opts) -> dict:
             "target": hparams["targets"][target]["task"],
             "data_folder": hparams["targets"][target]["data_folder"],
             "budget": budget,
-            "budget_unit": hparams["budget_unit"],
+            "budget_unit": unit,
             "curve_steps": hparams["curve_steps"],
             "seed": hparams["seed"],
             **hparams["adapt_overrides"],
@@ -164,24 +278,12 @@ def run_protocol(hparams: dict, run_opts) -> dict:
         args = [yaml, "--output_folder", folder, *passed_on]
         args += option_args(options)
         name = f"Adaptation {number}/{len(runs)} ({init} -> {target}, {label})"
+        if len(hparams.get("seeds") or ()) > 1:
+            name += f", seed {hparams['seed']}"
         inputs = [init_parameters(options, "init_checkpoint"), encoder_file]
         run_stage(name, folder, ADAPT, args, inputs)
-        rows += read_results(os.path.join(folder, "curve.csv"))
-
-    outputs = {
-        "csv": os.path.join(out, "adaptation.csv"),
-        "report": os.path.join(out, "report.md"),
-    }
-    write_results(rows, outputs["csv"])
-    report = report_markdown(rows, hparams["comparisons"], hparams["title"])
-    with open(outputs["report"], "w", encoding="utf-8") as stream:
-        stream.write(report)
-    outputs["plots"] = plot_curves(rows, out)
-    print(report)
-    print(f"Results: {outputs['csv']}")
-    print(f"Report:  {outputs['report']}")
-    print(f"Plots:   {', '.join(outputs['plots'])}")
-    return outputs
+        folders[(target, label, init)] = folder
+    return {"train": trained, "adapt": folders}
 
 
 if __name__ == "__main__":

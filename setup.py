@@ -28,6 +28,12 @@ setup(
     extras_require={
         "dev": ["pytest>=7", "ruff>=0.4"],
         "plot": ["matplotlib>=3.5"],
+        # Pretrained self-supervised encoders (docs/ssl_encoders.md).
+        "ssl": ["transformers>=4.40,<5"],
+        # CTC beam search with a KenLM n-gram (kenlm_model_path): kenlm is built
+        # from source (needs cmake and a C++ compiler); SpeechBrain's KenLM
+        # scorer imports pygtrie.
+        "lm": ["kenlm>=0.2", "pygtrie>=2.1"],
     },
     license="Apache-2.0",
 )

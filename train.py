@@ -24,8 +24,10 @@ from speechbrain.utils.distributed import run_on_main
 from recipes.embedded_corpus.prepare import prepare_embedded_corpus
 from speechbrain_meta import MetaBrain
 from speechbrain_meta.asr import ASR, dataio_prepare, warm_start
+from speechbrain_meta.compute_budget import write_training_record
 from speechbrain_meta.errors import SetupError
 from speechbrain_meta.experiment import experiment, run_script
+from speechbrain_meta.inference import export_run
 
 
 def main(argv: list) -> None:
@@ -50,17 +52,10 @@ def meta_train(hparams: dict, run_opts: dict) -> None:
             f"FOMAML, Reptile or MultiTask), got {brain_class!r}: write it as "
             "brain_class: !name:speechbrain_meta.MAML."
         )
-    # The initialisation and the adapters are in place before the Brain picks
-    # the fast weights and meta-parameters; it checks its settings before any
-    # data is touched.
+    # The initialisation and the adapters are in place before the data is
+    # read (a warm start's encoder may gain letters, and the output layers
+    # rows) and before the Brain picks the fast weights and meta-parameters.
     warm_start(hparams)
-    asr_brain = type("ASRBrain", (ASR, brain_class), {})(
-        modules=hparams["modules"],
-        opt_class=hparams["opt_class"],
-        hparams=hparams,
-        run_opts=run_opts,
-        checkpointer=hparams["checkpointer"],
-    )
     if not hparams["skip_prep"]:
         run_on_main(
             prepare_embedded_corpus,
@@ -70,7 +65,15 @@ def meta_train(hparams: dict, run_opts: dict) -> None:
                 "seed": hparams["seed"],
             },
         )
-    datasets, asr_brain.tokenizer = dataio_prepare(hparams)
+    datasets, tokenizer = dataio_prepare(hparams)
+    asr_brain = type("ASRBrain", (ASR, brain_class), {})(
+        modules=hparams["modules"],
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"],
+    )
+    asr_brain.tokenizer = tokenizer
     # All three built before training: a set too small fails now, not after it.
     samplers = {
         "train": hparams["train_sampler"](datasets["train"]),
@@ -84,11 +87,13 @@ def meta_train(hparams: dict, run_opts: dict) -> None:
         train_loader_kwargs={"batch_sampler": samplers["train"]},
         valid_loader_kwargs={"batch_sampler": samplers["valid"]},
     )
+    run_on_main(write_training_record, args=[asr_brain, hparams["output_folder"]])
     asr_brain.evaluate(
         datasets["test"],
         min_key="CER",
         test_loader_kwargs={"batch_sampler": samplers["test"]},
     )
+    export_run(hparams)
     if torch.distributed.is_initialized():
         # Release the process group ourselves rather than leave it to the
         # interpreter's shutdown (PyTorch warns about that with NCCL).

@@ -36,6 +36,12 @@ on CPU it is summed from the allocation and free events of PyTorch's CPU
 allocator that ``torch.profiler`` records (``profile_memory=True``).
 
     python benchmarks/bench_meta_step.py --threads 1 --out bench.md
+    python benchmarks/bench_meta_step.py --threads 1 --hparams ssl
+
+``--hparams ssl`` is the group of the pretrained-encoder YAMLs
+(``hparams/*_ssl_ctc.yaml``, FOMAML first: the whole-model reference of the
+inner-loop variants), on the encoder of ``--ssl_source``: by default a tiny
+wav2vec2 (:mod:`speechbrain_meta.tiny_ssl`) built in a temporary folder.
     python benchmarks/bench_meta_step.py --threads 1 --hparams \
         hparams/maml_ctc.yaml hparams/fomaml_ctc.yaml \
         hparams/maml_attention.yaml hparams/maml_attention.yaml:decoder_type=rnn
@@ -73,6 +79,10 @@ from speechbrain_meta.asr import ASR, dataio_prepare, insert_adapters  # noqa: E
 ALGORITHMS = ("maml", "fomaml", "reptile", "multitask")
 DEFAULT_HPARAMS = [
     str(REPO_ROOT / "hparams" / f"{name}_ctc.yaml") for name in ALGORITHMS
+]
+SSL_HPARAMS = [
+    str(REPO_ROOT / "hparams" / f"{name}_ssl_ctc.yaml")
+    for name in ("fomaml", "maml", "reptile", "multitask", "maml_anil", "maml_lora")
 ]
 MIB = 2**20
 # Targets of the issue: meta-step / plain training of equal work, MAML / FOMAML
@@ -126,6 +136,8 @@ def benchmark_hparams(spec: str, args, output_folder: str) -> dict:
         query_size=args.query,
         size_unit="utterances",
     )
+    if path in SSL_HPARAMS:
+        overrides.setdefault("ssl_source", args.ssl_source)
     hparams = load_hparams(path, overrides)
     hparams.pop("speed_perturb", None)
     return hparams
@@ -561,7 +573,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="torch CPU threads (default: torch's); 1 is steadiest on a busy machine",
     )
     parser.add_argument("--out", help="also write the report to this file")
+    parser.add_argument(
+        "--ssl_source",
+        help="encoder of the ssl group (default: a tiny wav2vec2, built here)",
+    )
     args = parser.parse_args(argv)
+    if args.hparams == ["ssl"]:
+        args.hparams = SSL_HPARAMS
     if min(args.steps) < 1:
         parser.error("--steps must be positive.")
     for spec in args.hparams:
@@ -613,6 +631,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     brains = {}
     episode = None
     with tempfile.TemporaryDirectory() as folder:
+        if args.ssl_source is None and set(args.hparams) & set(SSL_HPARAMS):
+            from speechbrain_meta.tiny_ssl import build_tiny_ssl
+
+            args.ssl_source = build_tiny_ssl("wav2vec2", os.path.join(folder, "ssl"))
         models: Dict[str, List[Tuple[str, dict]]] = {}
         for index, spec in enumerate(args.hparams):
             hparams = benchmark_hparams(spec, args, os.path.join(folder, str(index)))

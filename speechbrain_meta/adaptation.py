@@ -233,7 +233,9 @@ def extend_vocabulary(
 
     Each new character gets the encoder's next free index. A layer with
     fewer rows than the encoder then has grows to fit it (spare rows, e.g.
-    of ``output_neurons: 128``, are used as they are). The row of a new
+    of ``output_neurons: 128``, are used as they are), even when no label is
+    new: a layer made for the original encoder then fits an extended copy of
+    it, whose run's checkpoint can be loaded into it. The row of a new
     character (weights and bias) is set to a copy of its base letter's row
     (:func:`base_label`) when the encoder knows that letter, else to the mean
     of the rows of the labels the encoder knew that are not special (blank,
@@ -286,12 +288,12 @@ def extend_vocabulary(
         base = base_label(label)
         sources[label] = base if base in known and base not in special else ""
         encoder.add_label(label)
-    if not new:
-        return sources
     rows = max(encoder.lab2ind.values()) + 1
     for module in layers:
         layer = _row_holder(module)
         _resize_rows(layer, rows)
+        if not new:
+            continue
         tensors = [layer.weight] + [getattr(layer, "bias", None)]
         with torch.no_grad():
             for tensor in filter(lambda t: t is not None, tensors):
@@ -521,6 +523,7 @@ def adaptation_curve(
     seed: int = 1234,
     metrics: Optional[Callable[[sb.Brain], Dict[str, float]]] = None,
     progressbar: bool = True,
+    on_point: Optional[Callable[[dict], None]] = None,
 ) -> List[dict]:
     """Fine-tune ``brain`` on ``train_set``, testing after each curve point.
 
@@ -554,6 +557,9 @@ def adaptation_curve(
         the point (e.g. error rates of the recipe's metric trackers).
     progressbar : bool
         Whether to show a tqdm bar over the update steps.
+    on_point : callable, optional
+        Called with each point once it is scored, the Brain's weights being
+        those of that point (e.g. to keep them).
 
     Returns
     -------
@@ -625,4 +631,6 @@ def adaptation_curve(
                 target_step,
                 ", ".join(f"{k} {v:.4g}" for k, v in curve[-1].items() if k != "step"),
             )
+            if on_point is not None:
+                on_point(curve[-1])
     return curve

@@ -35,8 +35,13 @@ import speechbrain as sb
 import torch
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
-from speechbrain_meta.adaptation import find_init_checkpoint, load_init_parameters
+from speechbrain_meta.adaptation import (
+    extend_vocabulary,
+    find_init_checkpoint,
+    load_init_parameters,
+)
 from speechbrain_meta.audio import read_audio
+from speechbrain_meta.decoding import CTCDecoder, encoder_labels, label_words
 from speechbrain_meta.errors import SetupError
 from speechbrain_meta.label_encoder import (
     check_encoder_sources,
@@ -44,12 +49,19 @@ from speechbrain_meta.label_encoder import (
     read_encoder_record,
     write_encoder_record,
 )
-from speechbrain_meta.manifest_check import check_manifests, load_manifest_data
+from speechbrain_meta.manifest_check import check_manifests
+from speechbrain_meta.parameters import scale_learning_rates
+from speechbrain_meta.task_manifests import (
+    load_task_manifests,
+    manifests_record,
+    task_manifests,
+)
 
 __all__ = [
     "ASR",
     "add_pipelines",
     "dataio_prepare",
+    "extend_warm_start_vocabulary",
     "has_checkpoints",
     "insert_adapters",
     "load_initialisation",
@@ -68,7 +80,9 @@ class ASR:
     """ASR recipe methods, mixed into the Brain class named in the YAML.
 
     Without a YAML ``decoder_type`` the model is CTC only (modules ``encoder``
-    and ``ctc_lin``). With ``decoder_type: transformer`` (modules ``CNN``,
+    and ``ctc_lin``; with ``encoder_lengths: True`` the encoder also gets the
+    relative lengths, as SpeechBrain's Hugging Face wrappers take them). With
+    ``decoder_type: transformer`` (modules ``CNN``,
     ``Transformer``, ``ctc_lin``, ``seq_lin``) or ``decoder_type: rnn``
     (``encoder``, ``embedding``, ``decoder``, ``ctc_lin``, ``seq_lin``) it is a
     joint CTC + attention model: the loss is ``ctc_weight * CTC +
@@ -92,7 +106,10 @@ class ASR:
         feats = self.hparams.normalize(feats, wav_lens)
         decoder_type = getattr(self.hparams, "decoder_type", None)
         if decoder_type is None:
-            encoded = self.modules.encoder(feats)
+            if getattr(self.hparams, "encoder_lengths", False):
+                encoded = self.modules.encoder(feats, wav_lens)
+            else:
+                encoded = self.modules.encoder(feats)
             logits = self.modules.ctc_lin(encoded)
             return self.hparams.log_softmax(logits), wav_lens
         encoded, decoded = self.encode_decode(
@@ -109,6 +126,19 @@ class ASR:
             )
             hyps, _, _, _ = search(encoded.detach(), wav_lens)
         return p_ctc, p_seq, wav_lens, hyps
+
+    def init_optimizers(self):
+        """The Brain's optimizer, its learning rates scaled by ``lr_scales``.
+
+        ``lr_scales`` (YAML, optional) maps parameter patterns (module names
+        or globs, :mod:`speechbrain_meta.parameters`) to factors of the
+        optimizer's learning rate: e.g. ``{encoder: 0.05}`` gives a pretrained
+        encoder its own, lower rate (:func:`scale_learning_rates`).
+        """
+        super().init_optimizers()
+        scales = getattr(self.hparams, "lr_scales", None)
+        if scales and getattr(self, "optimizer", None) is not None:
+            scale_learning_rates(self.optimizer, self.modules, scales)
 
     def encode_decode(self, decoder_type, feats, tokens_bos, wav_lens):
         """Encoder and teacher-forced decoder states of a joint model."""
@@ -131,16 +161,15 @@ class ASR:
     def compute_objectives(self, predictions, batch, stage):
         """CTC (+ attention) loss; error rates of the decoding outside training.
 
-        CTC models are decoded greedily, joint models by beam search.
+        CTC models are decoded with the YAML's ``ctc_decoder`` (greedy by
+        default, :meth:`decode_ctc`), joint models by beam search.
         """
         tokens, tokens_lens = batch.tokens
         if len(predictions) == 2:
             p_ctc, wav_lens = predictions
             loss = self.hparams.ctc_cost(p_ctc, tokens, wav_lens, tokens_lens)
             if stage != sb.Stage.TRAIN:
-                hyps = sb.decoders.ctc_greedy_decode(
-                    p_ctc, wav_lens, blank_id=self.hparams.blank_index
-                )
+                predicted = self.decode_ctc(p_ctc, wav_lens)
         else:
             p_ctc, p_seq, wav_lens, hyps = predictions
             tokens_eos, tokens_eos_lens = batch.tokens_eos
@@ -148,8 +177,9 @@ class ASR:
             loss_seq = self.hparams.seq_cost(p_seq, tokens_eos, length=tokens_eos_lens)
             weight = self.hparams.ctc_weight
             loss = weight * loss_ctc + (1 - weight) * loss_seq
+            if stage != sb.Stage.TRAIN:
+                predicted = [self.to_words(seq) for seq in hyps]
         if stage != sb.Stage.TRAIN:
-            predicted = [self.to_words(seq) for seq in hyps]
             targets = [text.split() for text in batch.wrd]
             self.wer_metric.append(batch.id, predicted, targets)
             self.cer_metric.append(batch.id, predicted, targets)
@@ -162,8 +192,20 @@ class ASR:
         no label yet; an untrained model may still emit them, and they are
         skipped.
         """
-        labels = self.tokenizer.ind2lab
-        return "".join(labels[t] for t in map(int, tokens) if t in labels).split()
+        return label_words(tokens, self.tokenizer.ind2lab)
+
+    def decode_ctc(self, p_ctc, wav_lens) -> list:
+        """Words of each utterance of a batch of CTC log-probabilities.
+
+        The YAML's ``ctc_decoder`` (:class:`speechbrain_meta.decoding.CTCDecoder`)
+        over the labels of ``self.tokenizer``, made again when they change
+        (``adapt.py`` adds a target's letters).
+        """
+        decoder = getattr(self, "_ctc_decoder", None)
+        if decoder is None or decoder.labels != encoder_labels(self.tokenizer):
+            decoder = CTCDecoder.from_hparams(vars(self.hparams), self.tokenizer)
+            self._ctc_decoder = decoder
+        return decoder(p_ctc, wav_lens)
 
     def on_stage_start(self, stage, epoch=None):
         """Fresh error-rate statistics for every evaluation stage."""
@@ -260,23 +302,32 @@ def read_tasks(hparams: dict, dataset) -> tuple:
     return sources, targets
 
 
-def read_manifests(hparams: dict) -> dict:
-    """The train, valid and test manifests of the YAML, every task included.
+def read_manifests(hparams: dict, splits=("train", "valid", "test")) -> dict:
+    """The train, valid and test data of the YAML, every task included.
 
-    The manifests are checked first (:func:`check_manifests`: columns,
-    durations, transcripts, audio headers); with ``skip_bad_rows: True`` the
-    rows with problems are left out and counted, otherwise every problem is
-    reported at once.
+    Each of ``train_csv``, ``valid_csv`` and ``test_csv`` is a manifest with
+    the task column, a mapping from task to a manifest without it, or a list
+    of either (:mod:`speechbrain_meta.task_manifests`). The manifests are
+    checked first (:func:`check_manifests`: columns, durations, transcripts,
+    audio headers), only those of ``splits``; with ``skip_bad_rows: True``
+    the rows with problems are left out and counted, otherwise every problem
+    is reported at once. The
+    transcripts are then normalised as the recipes' are, unless
+    ``keep_text_verbatim: True``.
     """
     splits = {
-        split: hparams[f"{split}_csv"]
-        for split in ("train", "valid", "test")
+        split: task_manifests(hparams[f"{split}_csv"], f"{split}_csv")
+        for split in splits
         if hparams.get(f"{split}_csv")
     }
     replacements = {"data_root": hparams["data_folder"]}
+    skip_bad_rows = hparams.get("skip_bad_rows", False)
     bad = check_manifests(
-        splits,
-        skip_bad_rows=hparams.get("skip_bad_rows", False),
+        {split: [entry.path for entry in entries] for split, entries in splits.items()},
+        skip_bad_rows=skip_bad_rows,
+        without_task_column=[
+            entry.path for entries in splits.values() for entry in entries if entry.task
+        ],
         task_key=hparams["task_key"],
         replacements=replacements,
         sample_rate=hparams["sample_rate"],
@@ -284,9 +335,17 @@ def read_manifests(hparams: dict) -> dict:
     )
     return {
         split: sb.dataio.dataset.DynamicItemDataset(
-            load_manifest_data(path, replacements=replacements, skip_ids=bad[split])
+            load_task_manifests(
+                entries,
+                task_key=hparams["task_key"],
+                option=f"{split}_csv",
+                replacements=replacements,
+                skip_ids=bad[split],
+                keep_text_verbatim=hparams.get("keep_text_verbatim", False),
+                skip_bad_rows=skip_bad_rows,
+            )
         )
-        for split, path in splits.items()
+        for split, entries in splits.items()
     }
 
 
@@ -343,11 +402,71 @@ def has_checkpoints(save_folder: str) -> bool:
     )
 
 
+def _texts(dataset) -> list:
+    return [dataset.data[i]["wrd"] for i in dataset.data_ids]
+
+
+def extend_warm_start_vocabulary(encoder, texts: list, hparams: dict) -> None:
+    """Add the letters of ``texts`` that a warm start's encoder lacks.
+
+    As ``adapt.py`` does (:func:`extend_vocabulary`): each new letter gets
+    the next label and a row in every ``token_layers`` layer, copied from its
+    base letter's row (``é`` from ``e``) or the mean of the letters' rows;
+    the layers grow if they have no spare rows. A warning names the letters;
+    the run's ``label_encoder.txt`` and its record are rewritten. On a resume
+    the encoder already has them, and the layers only grow to fit it, so that
+    the run's checkpoint loads.
+
+    Arguments
+    ---------
+    encoder : speechbrain.dataio.encoder.CTCTextEncoder
+        The run's encoder, copied from the initialisation; extended in place.
+    texts : list of str
+        The transcripts of the source tasks.
+    hparams : dict
+        The loaded YAML (``label_encoder_file``, ``token_layers``).
+    """
+    encoder_file = hparams["label_encoder_file"]
+    new = extend_vocabulary(encoder, texts, hparams["token_layers"])
+    if not new:
+        return
+    origins = ", ".join(f"{c}<-{b or 'mean'}" for c, b in new.items())
+    logger.warning(
+        f"The warm start's label encoder has no label for {list(new)} of the "
+        f"source tasks: added them (output rows copied from: {origins}) and "
+        f"saved the encoder as {encoder_file}."
+    )
+    record = read_encoder_record(encoder_file) or {}
+    run_on_main(encoder.save, args=[encoder_file])
+    run_on_main(
+        write_encoder_record,
+        args=[encoder_file],
+        kwargs={
+            "copied_from": record.get("copied_from"),
+            "added_labels": record.get("added_labels", []) + list(new),
+        },
+    )
+
+
+def _warn_unknown_letters(encoder, datasets: dict) -> None:
+    for split in ("valid", "test"):
+        if split in datasets:
+            unknown = missing_labels(encoder, _texts(datasets[split]))
+            if unknown:
+                logger.warning(
+                    f"The {split} transcripts have letters that the source tasks "
+                    f"lack, scored as <unk>: {unknown}."
+                )
+
+
 def dataio_prepare(hparams: dict) -> tuple:
     """Datasets of the source tasks and the shared character encoder.
 
     The encoder file is reused only when it was built from the same sources
     (or copied by a warm start); see :mod:`speechbrain_meta.label_encoder`.
+    An encoder copied by a warm start gets the letters of the source tasks
+    that it lacks (:func:`extend_warm_start_vocabulary`), so call this before
+    the Brain is made: the model's output layers may grow.
     """
     datasets = read_manifests(hparams)
     sources, targets = read_tasks(hparams, datasets["train"])
@@ -361,11 +480,14 @@ def dataio_prepare(hparams: dict) -> tuple:
 
     encoder_file = hparams["label_encoder_file"]
     built_from = {
-        "train_csv": os.path.abspath(hparams["train_csv"]),
+        "train_csv": manifests_record(hparams["train_csv"]),
         "task_key": key,
         "source_tasks": sources,
         "max_duration": hparams["max_duration"],
     }
+    if hparams.get("keep_text_verbatim", False):
+        # Only then: the records of earlier runs, without the key, still match.
+        built_from["keep_text_verbatim"] = True
     run_on_main(
         check_encoder_sources,
         args=[encoder_file, built_from, has_checkpoints(hparams["save_folder"])],
@@ -379,10 +501,14 @@ def dataio_prepare(hparams: dict) -> tuple:
         special_labels=special_labels(hparams),
         sequence_input=True,
     )
-    if read_encoder_record(encoder_file) is None:
+    record = read_encoder_record(encoder_file)
+    if record is None:
         run_on_main(write_encoder_record, args=[encoder_file, built_from])
-    train = datasets["train"]
-    missing = missing_labels(encoder, (train.data[i]["wrd"] for i in train.data_ids))
+    texts = _texts(datasets["train"])
+    warm_started = record is not None and record.get("copied_from") is not None
+    if warm_started:
+        extend_warm_start_vocabulary(encoder, texts, hparams)
+    missing = missing_labels(encoder, texts)
     if missing:
         raise SetupError(
             f"The label encoder {encoder_file} has no label for {missing} of the "
@@ -390,11 +516,12 @@ def dataio_prepare(hparams: dict) -> tuple:
             "initialisation trained on these letters, or pass another "
             "--output_folder."
         )
-    if len(encoder) > hparams["output_neurons"]:
+    if len(encoder) > hparams["output_neurons"] and not warm_started:
         raise SetupError(
             f"The source tasks have {len(encoder)} tokens but the model has "
             f"output_neurons: {hparams['output_neurons']}; raise it in the YAML."
         )
+    _warn_unknown_letters(encoder, datasets)
     return datasets, encoder
 
 
@@ -544,7 +671,7 @@ def target_datasets(hparams: dict) -> dict:
     ValueError
         If the target has no utterance in one of the two manifests.
     """
-    manifests = read_manifests(hparams)
+    manifests = read_manifests(hparams, ("train", "test"))
     key, target = hparams["task_key"], str(hparams["target"])
     datasets = {}
     for split in ("train", "test"):

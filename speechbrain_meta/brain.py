@@ -32,6 +32,10 @@ YAML keys read from ``hparams`` (defaults in brackets):
   starting at ``inner_lr``) with the outer optimizer at ``inner_lr_lr``
   [its learning rate]; validation and test then adapt with them for
   ``inner_steps`` steps (``adapt_with_learnt_rates`` [True]).
+* ``train_time_budget_minutes`` [null]: equal compute; once the training
+  batches have taken longer in total, the current batch is finished, the
+  epoch validated and checkpointed, and ``fit`` ends
+  (:mod:`speechbrain_meta.compute_budget`; the time spent is checkpointed).
 
 These keys and SpeechBrain's ``max_grad_norm`` are checked when the Brain is
 built (:meth:`MetaBrain.check_hparams`). Nothing non-finite reaches the
@@ -47,6 +51,7 @@ recovery.
 import hashlib
 import logging
 import math
+import time
 from functools import partial
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -61,6 +66,7 @@ from speechbrain_meta.checkpoints import (
     nonfinite_tensors,
     set_aside_incomplete_checkpoints,
 )
+from speechbrain_meta.compute_budget import TrainingClock
 from speechbrain_meta.errors import SetupError
 from speechbrain_meta.inner_loop import (
     AdaptedWeights,
@@ -164,11 +170,15 @@ class MetaBrain(sb.Brain):
                 "raise the sampler's tasks_per_batch instead."
             )
         self.check_hparams()
+        self._refuse_activation_checkpointing()
         self.fast_weight_names = self._select_parameters()
         self.inner_rates = self._make_inner_rates()
         self.nonfinite_count = 0
         self.skipped_utterances: Dict[str, str] = {}
         self.unscored_tasks = 0
+        self.training_clock = TrainingClock(
+            self._hparam("train_time_budget_minutes", None)
+        )
         self._objective: Optional[Tuple[tuple, BrainObjective]] = None
         if self.checkpointer is not None:
             # Optional: checkpoints written before it existed still load.
@@ -177,6 +187,9 @@ class MetaBrain(sb.Brain):
             )
             if self.inner_rates is not None:
                 self.checkpointer.add_recoverable("inner_rates", self.inner_rates)
+            self.checkpointer.add_recoverable(
+                "training_clock", self.training_clock, optional_load=True
+            )
 
     # ------------------------------------------------------------------ keys
     def _hparam(self, name: str, default):
@@ -217,6 +230,31 @@ class MetaBrain(sb.Brain):
                 "every gradient, a negative value flips their sign): set e.g. "
                 "--max_grad_norm 5, or --max_grad_norm inf for no clipping."
             )
+
+    def _refuse_activation_checkpointing(self) -> None:
+        """Refuse modules that recompute their forward in the backward pass.
+
+        Activation (gradient) checkpointing, as transformers'
+        ``gradient_checkpointing_enable()`` turns on, recomputes a layer's
+        forward during the backward pass with the module's own weights, not
+        the fast weights that ``functional_call`` put in place for the
+        forward: the inner and meta-gradients would be silently wrong.
+
+        Raises
+        ------
+        speechbrain_meta.errors.SetupError
+            Naming the module.
+        """
+        for name, module in self.modules.named_modules():
+            if getattr(module, "gradient_checkpointing", False) is True:
+                raise SetupError(
+                    f"Module '{name}' has activation checkpointing on "
+                    "(gradient_checkpointing): it recomputes forwards with the "
+                    "module's own weights, not the fast weights, so the "
+                    "meta-gradients would be wrong. Turn it off (transformers: "
+                    "model.gradient_checkpointing_disable()); lower memory with "
+                    "LoRA or ANIL (inner_params), bf16 or smaller episodes."
+                )
 
     def _select_parameters(self) -> List[str]:
         """Apply ``meta_params`` and return the fast weights (``inner_params``)."""
@@ -510,6 +548,7 @@ class MetaBrain(sb.Brain):
             stops before any checkpoint holds it).
         """
         _check_episode(batch, sb.Stage.TRAIN)
+        start = time.perf_counter()
         self.on_fit_batch_start(batch, True)
         self.note_skipped_utterances(batch.skipped)
         losses, task_buffers = [], []
@@ -536,7 +575,26 @@ class MetaBrain(sb.Brain):
             torch.stack(losses).mean().cpu() if losses else torch.tensor(float("nan"))
         )
         self.on_fit_batch_end(batch, None, mean_loss, True)
+        self._count_time(time.perf_counter() - start)
         return mean_loss
+
+    def _count_time(self, seconds: float) -> None:
+        """Add a batch's time to the clock; every rank adds the slowest's."""
+        if self._distributed() and self.training_clock.budget_minutes is not None:
+            slowest = torch.tensor([seconds], dtype=torch.float64, device=self.device)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            seconds = float(slowest)
+        self.training_clock.add(seconds)
+
+    @property
+    def _optimizer_step_limit_exceeded(self) -> bool:
+        """SpeechBrain's ``optimizer_step_limit``, or the time budget, spent.
+
+        ``Brain._fit_train`` checks it before each batch and ``Brain.fit``
+        after each validation, so a spent budget ends the epoch early and
+        then ``fit``.
+        """
+        return super()._optimizer_step_limit_exceeded or self.training_clock.spent
 
     def _finite_task_step(self, task) -> Optional[Tuple[torch.Tensor, Tensors]]:
         """:meth:`task_step`, undone and counted if anything it made is not finite.

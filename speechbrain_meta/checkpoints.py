@@ -54,12 +54,22 @@ class RandomState:
 
     Saves and restores the states of torch's CPU generator, every CUDA
     device's generator (when CUDA is initialised), Python's ``random`` and
-    NumPy's global generator.
+    NumPy's global generator; :meth:`state` / :meth:`restore` do the same in
+    memory.
+
+    Example
+    -------
+    >>> generators = RandomState()
+    >>> state = generators.state()
+    >>> first = torch.rand(1)
+    >>> generators.restore(state)
+    >>> torch.equal(torch.rand(1), first)
+    True
     """
 
-    @mark_as_saver
-    def save(self, path: str) -> None:
-        """Write the generator states to ``path``."""
+    @staticmethod
+    def state() -> dict:
+        """The generators' states now."""
         state = {
             "torch": torch.get_rng_state(),
             "python": random.getstate(),
@@ -67,18 +77,27 @@ class RandomState:
         }
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(state, path)
+        return state
 
-    @mark_as_loader
-    def load(self, path: str, end_of_epoch: bool = False) -> None:
-        """Restore the generator states saved in ``path``."""
-        del end_of_epoch
-        state = torch.load(path, weights_only=False)
+    @staticmethod
+    def restore(state: dict) -> None:
+        """Set the generators to a :meth:`state`."""
         torch.set_rng_state(state["torch"])
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+    @mark_as_saver
+    def save(self, path: str) -> None:
+        """Write the generator states to ``path``."""
+        torch.save(self.state(), path)
+
+    @mark_as_loader
+    def load(self, path: str, end_of_epoch: bool = False) -> None:
+        """Restore the generator states saved in ``path``."""
+        del end_of_epoch
+        self.restore(torch.load(path, weights_only=False))
 
 
 def _is_complete(folder: str, recoverables: List[str], optional: set) -> bool:

@@ -20,10 +20,12 @@ with them. Everything it takes is here:
   enters it).
 * :func:`second_order_context` makes every operation twice differentiable:
   CTC through :func:`speechbrain_meta.ctc.twice_differentiable_ctc`, the
-  forward of recurrent layers without cuDNN, and attention on the math
-  backend of ``scaled_dot_product_attention``. Everything else, convolutions
-  and normalisation included, keeps its cuDNN kernels, which have a double
-  backward.
+  forward of recurrent layers without cuDNN, attention on the math backend
+  of ``scaled_dot_product_attention``, and weight normalisation
+  (``torch._weight_norm``, e.g. wav2vec2's positional convolution) with
+  differentiable operations instead of the fused kernel, whose double
+  backward is wrong. Everything else, convolutions and normalisation
+  included, keeps its cuDNN kernels, which have a double backward.
 
 Both contexts touch only the thread that enters them
 (:mod:`speechbrain_meta.patching`): while a thread is inside,
@@ -56,6 +58,7 @@ tensor([2.2500], grad_fn=<SubBackward0>)
 (tensor([0.2500]),)
 """
 
+import sys
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, NamedTuple, Tuple, Union
 
@@ -131,6 +134,33 @@ _attention_on_math = ThreadLocalPatch(
 )
 
 
+def _composite_weight_norm(fused: Callable) -> Callable:
+    """Weight normalisation as ``v * (g / ||v||)``, in place of ``fused``.
+
+    PyTorch's fused ``torch._weight_norm`` has a wrong double backward (its
+    second derivatives fail ``gradgradcheck``, torch 2.11, CPU); the same
+    formula written with differentiable operations has the right one.
+    """
+
+    def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return v * (g / torch.norm_except_dim(v, 2, dim))
+
+    return weight_norm
+
+
+# Both spellings of weight normalisation call torch._weight_norm: the
+# parametrization (torch.nn.utils.parametrizations.weight_norm, e.g. the
+# positional convolution of transformers' wav2vec2) by attribute, the older
+# hook (torch.nn.utils.weight_norm) through its module's own import of it.
+_twice_differentiable_weight_norm = ThreadLocalPatch(
+    [
+        (torch, "_weight_norm"),
+        (sys.modules["torch.nn.utils.weight_norm"], "_weight_norm"),
+    ],
+    _composite_weight_norm,
+)
+
+
 @contextmanager
 def fast_weight_context() -> Iterator[None]:
     """Keep ``RNNBase.flatten_parameters`` away from fast weights.
@@ -161,9 +191,11 @@ def second_order_context() -> Iterator[None]:
     :func:`speechbrain_meta.ctc.ctc_loss_differentiable`, the forward of
     ``torch.nn.RNN``, ``LSTM`` and ``GRU`` runs without cuDNN (whose RNN
     kernels have no double backward; their backward then follows the
-    non-cuDNN forward) and ``scaled_dot_product_attention`` runs on its math
-    backend (the fused kernels have no double backward either). Convolutions
-    and everything else keep cuDNN. Fast weights need
+    non-cuDNN forward), ``scaled_dot_product_attention`` runs on its math
+    backend (the fused kernels have no double backward either) and weight
+    normalisation (``torch._weight_norm``, whose fused double backward is
+    wrong) is computed as ``v * (g / ||v||)``. Convolutions and everything
+    else keep cuDNN. Fast weights need
     :func:`fast_weight_context` as well (:meth:`BrainObjective.call` enters
     it). The context is re-entrant; see the module's description for the
     process-wide flags that it switches during recurrent and attention
@@ -181,7 +213,8 @@ def second_order_context() -> Iterator[None]:
     torch.Size([4, 1, 2])
     """
     with twice_differentiable_ctc(), _rnn_without_cudnn, _attention_on_math:
-        yield
+        with _twice_differentiable_weight_norm:
+            yield
 
 
 class BrainObjective(torch.nn.Module):

@@ -37,7 +37,7 @@ False
 import json
 import logging
 import os
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Sequence
 
 from speechbrain_meta.errors import SetupError
 
@@ -71,6 +71,7 @@ def write_encoder_record(
     encoder_file: str,
     built_from: Optional[dict] = None,
     copied_from: Optional[str] = None,
+    added_labels: Sequence[str] = (),
 ) -> None:
     """Record what ``encoder_file`` was built from (or copied from).
 
@@ -83,8 +84,13 @@ def write_encoder_record(
         the training manifest, task key and source tasks).
     copied_from : str, optional
         The encoder file it is a copy of (warm start).
+    added_labels : sequence of str
+        Labels added to the copy for letters of the data that the original
+        lacked.
     """
     record = {"built_from": built_from, "copied_from": copied_from}
+    if added_labels:
+        record["added_labels"] = list(added_labels)
     path = encoder_record_path(encoder_file)
     temporary = f"{path}.{os.getpid()}.tmp"
     with open(temporary, "w", encoding="utf-8") as stream:

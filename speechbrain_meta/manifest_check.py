@@ -505,7 +505,11 @@ def _describe_conversions(conversions: Mapping[str, int]) -> str:
 
 
 def check_manifests(
-    paths: Mapping[str, str], *, skip_bad_rows: bool = False, **options
+    paths: Mapping[str, str | Sequence[str]],
+    *,
+    skip_bad_rows: bool = False,
+    without_task_column: Collection[str] = (),
+    **options,
 ) -> dict[str, set[str]]:
     """Check the manifests of several splits; raise or return the bad rows.
 
@@ -521,10 +525,15 @@ def check_manifests(
 
     Arguments
     ---------
-    paths : mapping of str to str
-        The manifest of each split, e.g. ``{"train": "train.csv", ...}``.
+    paths : mapping of str to str or sequence of str
+        The manifest (or manifests) of each split, e.g. ``{"train":
+        "train.csv", ...}``.
     skip_bad_rows : bool
         Return the IDs of the bad rows instead of raising for them.
+    without_task_column : collection of str
+        Manifests whose task is given elsewhere (a mapping from task to
+        file, :mod:`speechbrain_meta.task_manifests`): checked without the
+        ``task_key`` column.
     **options : dict
         Keyword arguments of :func:`check_manifest` (``task_key``,
         ``replacements``, ``sample_rate``, ``convert_audio``...).
@@ -540,11 +549,17 @@ def check_manifests(
         For whole-file problems, and for row problems unless
         ``skip_bad_rows``.
     """
+    files = {
+        split: [value] if isinstance(value, str) else list(value)
+        for split, value in paths.items()
+    }
+    untasked = {os.path.realpath(path) for path in without_task_column}
     reports = {}  # real path -> report
-    for path in paths.values():
+    for path in (path for split_files in files.values() for path in split_files):
         key = os.path.realpath(path)
         if key not in reports:
-            reports[key] = check_manifest(path, **options)
+            own = {"task_key": None} if key in untasked else {}
+            reports[key] = check_manifest(path, **{**options, **own})
     file_problems = [p for report in reports.values() for p in report.file_problems]
     row_problems = [p for report in reports.values() for p in report.row_problems]
     if file_problems or (row_problems and not skip_bad_rows):
@@ -571,8 +586,10 @@ def check_manifests(
                 "; ".join(listed),
             )
     return {
-        split: set(reports[os.path.realpath(path)].bad_ids)
-        for split, path in paths.items()
+        split: {
+            i for path in split_files for i in reports[os.path.realpath(path)].bad_ids
+        }
+        for split, split_files in files.items()
     }
 
 

@@ -17,6 +17,9 @@ keys use them:
   ``AdaptedModel`` freezes the model it wraps). The others are frozen: they
   keep their values, bit for bit.
 
+A third, ``lr_scales``, gives the parameters a pattern selects their own
+learning rate in the outer optimizer (:func:`scale_learning_rates`).
+
 Example
 -------
 >>> names = ["encoder.conv.weight", "encoder.conv.bias", "ctc_lin.w.weight"]
@@ -31,13 +34,13 @@ speechbrain_meta.errors.SetupError: inner_params pattern 'decoder' matches no ..
 """
 
 from fnmatch import fnmatchcase
-from typing import Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
 from speechbrain_meta.errors import SetupError
 
-__all__ = ["matching", "set_trainable"]
+__all__ = ["matching", "scale_learning_rates", "set_trainable"]
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -120,3 +123,57 @@ def set_trainable(
         for name, parameter in named.items():
             parameter.requires_grad_(name in selected)
     return [name for name, parameter in named.items() if parameter.requires_grad]
+
+
+def scale_learning_rates(
+    optimizer: torch.optim.Optimizer,
+    modules: torch.nn.ModuleDict,
+    scales: Dict[str, float],
+) -> None:
+    """Give the parameters each pattern selects a scaled learning rate.
+
+    The parameters of the optimizer's first group that a pattern of
+    ``scales`` selects (the first pattern that does) move to a group of their
+    own, with the first group's settings and ``scale`` times its learning
+    rate; the others stay. Call it before the first step (the groups are
+    then checkpointed with the optimizer, and recovered as they are made).
+
+    Arguments
+    ---------
+    optimizer : torch.optim.Optimizer
+        The optimizer, its first group holding ``modules``' parameters.
+    modules : torch.nn.ModuleDict
+        The modules, for the parameters' names.
+    scales : dict
+        Pattern -> factor of the learning rate.
+
+    Raises
+    ------
+    speechbrain_meta.errors.SetupError
+        If a pattern selects no parameter.
+
+    Example
+    -------
+    >>> modules = torch.nn.ModuleDict(
+    ...     {"encoder": torch.nn.Linear(2, 2), "head": torch.nn.Linear(2, 1)}
+    ... )
+    >>> optimizer = torch.optim.Adam(modules.parameters(), lr=0.001)
+    >>> scale_learning_rates(optimizer, modules, {"encoder": 0.1})
+    >>> [(len(g["params"]), g["lr"]) for g in optimizer.param_groups]
+    [(2, 0.001), (2, 0.0001)]
+    """
+    named = dict(modules.named_parameters())
+    names = {id(p): name for name, p in named.items()}
+    default = optimizer.param_groups[0]
+    remaining = list(default["params"])
+    for pattern, scale in scales.items():
+        selected = set(matching(named, [pattern], "lr_scales"))
+        moved = [p for p in remaining if names.get(id(p)) in selected]
+        if not moved:
+            continue
+        remaining = [p for p in remaining if names.get(id(p)) not in selected]
+        settings = {k: v for k, v in default.items() if k != "params"}
+        default["params"] = remaining
+        optimizer.add_param_group(
+            {**settings, "params": moved, "lr": default["lr"] * float(scale)}
+        )

@@ -38,8 +38,10 @@ from speechbrain_meta.errors import SetupError
 
 __all__ = [
     "RESULT_FIELDS",
+    "SEEDED_FIELDS",
     "budget_label",
     "final_points",
+    "parse_budget",
     "init_parameters",
     "plot_curves",
     "read_results",
@@ -49,8 +51,63 @@ __all__ = [
 ]
 
 RESULT_FIELDS = ("init", "target", "budget", "step", "cer", "wer")
+#: The columns of a protocol with several seeds.
+SEEDED_FIELDS = ("seed", *RESULT_FIELDS)
 _UNIT_SUFFIX = dict(zip(BUDGET_UNITS, ("min", "utt")))
 _LABEL = re.compile(r"^(\d+(?:\.\d+)?)(min|utt)$")
+
+
+_BUDGET_ITEM = re.compile(
+    r"^\s*(\d+(?:\.\d+)?)\s*(utterances?|utt|minutes?|min|hours?|h)\s*$"
+)
+_ITEM_UNITS = {"utt": "utterances", "min": "minutes", "h": "hours"}
+
+
+def parse_budget(item, unit: str) -> Tuple[float, str]:
+    """One entry of a protocol's ``budgets``: a number, or a number and a unit.
+
+    A number is in the protocol's ``budget_unit``; a string names its own
+    unit (``"5 utterances"``, ``"10 minutes"``, ``"1 hour"``; hours become
+    minutes), so that one protocol mixes them as ML-SUPERB does.
+
+    Arguments
+    ---------
+    item : float or str
+        The entry.
+    unit : str
+        The protocol's ``budget_unit`` (``minutes`` or ``utterances``).
+
+    Returns
+    -------
+    tuple
+        ``(value, unit)`` with unit ``minutes`` or ``utterances`` (a number
+        entry's value as given).
+
+    Raises
+    ------
+    speechbrain_meta.errors.SetupError
+        If the entry is neither.
+
+    Example
+    -------
+    >>> parse_budget(2, "minutes"), parse_budget("5 utterances", "minutes")
+    ((2, 'minutes'), (5.0, 'utterances'))
+    >>> parse_budget("1 hour", "utterances")
+    (60.0, 'minutes')
+    """
+    if isinstance(item, (int, float)) and not isinstance(item, bool):
+        return item, unit  # as given: the stages' records hold it so
+    match = _BUDGET_ITEM.match(str(item))
+    if match is None:
+        raise SetupError(
+            f"Budget {item!r} is neither a number (in budget_unit: {unit}) nor a "
+            "number and a unit, e.g. '5 utterances', '10 minutes' or '1 hour'."
+        )
+    value, named = float(match[1]), match[2].rstrip("s")
+    named = _ITEM_UNITS.get(named, named + "s")
+    if named == "hours":
+        return value * 60, "minutes"
+    return value, named
 
 
 def budget_label(value: float, unit: str) -> str:
@@ -85,7 +142,7 @@ def _budget_order(label: str) -> Tuple[str, float]:
     return (match.group(2), float(match.group(1))) if match else (label, 0.0)
 
 
-def write_results(rows: Sequence[dict], path: str) -> None:
+def write_results(rows: Sequence[dict], path: str, seeded: bool = False) -> None:
     """Write result rows as CSV (the columns of RESULT_FIELDS), atomically.
 
     Arguments
@@ -94,11 +151,15 @@ def write_results(rows: Sequence[dict], path: str) -> None:
         Rows with at least the keys of :data:`RESULT_FIELDS`.
     path : str
         The CSV file; its folder is created.
+    seeded : bool
+        Whether to write the rows' ``seed`` too, as the first column
+        (:data:`SEEDED_FIELDS`): a protocol with several seeds.
     """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     partial = f"{path}.partial"
+    fields = SEEDED_FIELDS if seeded else RESULT_FIELDS
     with open(partial, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, RESULT_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(stream, fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     os.replace(partial, path)
@@ -115,22 +176,26 @@ def read_results(path: str) -> List[dict]:
     Returns
     -------
     list of dict
-        Rows with ``step`` as int and ``cer`` / ``wer`` as float.
+        Rows with ``step`` (and ``seed``, if written) as int and ``cer`` /
+        ``wer`` as float.
 
     Raises
     ------
     ValueError
-        If the columns are not those of :data:`RESULT_FIELDS`.
+        If the columns are not those of :data:`RESULT_FIELDS` or
+        :data:`SEEDED_FIELDS`.
     """
     with open(path, newline="", encoding="utf-8") as stream:
         reader = csv.DictReader(stream)
-        if tuple(reader.fieldnames or ()) != RESULT_FIELDS:
+        if tuple(reader.fieldnames or ()) not in (RESULT_FIELDS, SEEDED_FIELDS):
             raise ValueError(
-                f"{path} has columns {reader.fieldnames}, expected {RESULT_FIELDS}."
+                f"{path} has columns {reader.fieldnames}, expected {RESULT_FIELDS} "
+                f"or {SEEDED_FIELDS}."
             )
         return [
             {
                 **row,
+                **({"seed": int(row["seed"])} if "seed" in row else {}),
                 "step": int(row["step"]),
                 "cer": float(row["cer"]),
                 "wer": float(row["wer"]),
@@ -280,7 +345,9 @@ def plot_curves(rows: Sequence[dict], folder: str) -> List[str]:
     """PNG plots of CER against adaptation steps, one file per target.
 
     Each file ``cer_<target>.png`` has one panel per budget and one line
-    per initialisation.
+    per initialisation: the CER, or with several seeds (rows with a
+    ``seed``) the mean over seeds and a shaded band from the lowest to the
+    highest seed's CER.
 
     Arguments
     ---------
@@ -300,9 +367,12 @@ def plot_curves(rows: Sequence[dict], folder: str) -> List[str]:
     import matplotlib.pyplot as plt
 
     os.makedirs(folder, exist_ok=True)
-    curves = defaultdict(list)
+    curves = defaultdict(lambda: defaultdict(list))  # key -> step -> CERs
     for row in rows:
-        curves[(row["target"], row["budget"], row["init"])].append(row)
+        curves[(row["target"], row["budget"], row["init"])][row["step"]].append(
+            row["cer"]
+        )
+    seeds = len({row.get("seed") for row in rows})
     budgets = _ordered((row["budget"] for row in rows), key=_budget_order)
     inits = _ordered(row["init"] for row in rows)
     paths = []
@@ -313,15 +383,28 @@ def plot_curves(rows: Sequence[dict], folder: str) -> List[str]:
         )
         for axis, budget in zip(axes[0], shown):
             for init in inits:
-                points = sorted(curves.get((target, budget, init), []), key=_step)
-                if points:
-                    axis.plot(
-                        [p["step"] for p in points],
-                        [p["cer"] for p in points],
-                        marker="o",
-                        label=init,
+                points = sorted(curves.get((target, budget, init), {}).items())
+                if not points:
+                    continue
+                steps = [step for step, _ in points]
+                (line,) = axis.plot(
+                    steps,
+                    [sum(cers) / len(cers) for _, cers in points],
+                    marker="o",
+                    label=init,
+                )
+                if seeds > 1:
+                    axis.fill_between(
+                        steps,
+                        [min(cers) for _, cers in points],
+                        [max(cers) for _, cers in points],
+                        color=line.get_color(),
+                        alpha=0.2,
                     )
-            axis.set_title(f"{target}, budget {budget}")
+            title = f"{target}, budget {budget}"
+            if seeds > 1:
+                title += f"\n{seeds} seeds: mean, min-max"
+            axis.set_title(title)
             axis.set_xlabel("adaptation steps")
             axis.grid(alpha=0.3)
         axes[0][0].set_ylabel("CER (%)")
@@ -332,10 +415,6 @@ def plot_curves(rows: Sequence[dict], folder: str) -> List[str]:
         plt.close(figure)
         paths.append(path)
     return paths
-
-
-def _step(row: dict) -> int:
-    return row["step"]
 
 
 def init_parameters(options: dict, key: str) -> Optional[str]:

@@ -51,6 +51,7 @@ from speechbrain_meta.run_lock import is_main_rank
 
 __all__ = [
     "DISTRIBUTED_ENVIRONMENT",
+    "NEUTRAL_DEFAULTS",
     "cpu_isa_environment",
     "STAGE_RECORD",
     "file_digest",
@@ -185,8 +186,17 @@ def _plain(node):
     return {"tag": tag, "value": value} if tag else value
 
 
+# Keys added to the YAMLs after stages were recorded, with the value that
+# leaves a run as it was: at that value they are left out of the digest, so
+# that adding them keeps finished stages finished.
+NEUTRAL_DEFAULTS = {"train_time_budget_minutes": None}
+
+
 def hparams_digest(hparams_file: str, overrides=None) -> str:
     r"""The SHA-256 of a YAML's resolved hyperparameters, comments left out.
+
+    Top-level keys of :data:`NEUTRAL_DEFAULTS` at their neutral value count
+    as absent.
 
     Arguments
     ---------
@@ -211,9 +221,19 @@ def hparams_digest(hparams_file: str, overrides=None) -> str:
     ...     str(folder / "a.yaml"), "lr: 0.2"
     ... )
     False
+    >>> _ = (folder / "c.yaml").write_text(
+    ...     "lr: 0.1\nsteps: 0.1\ntrain_time_budget_minutes: null\n"
+    ... )
+    >>> hparams_digest(str(folder / "c.yaml")) == hparams_digest(str(folder / "b.yaml"))
+    True
     """
     resolved = ruamel.yaml.YAML().load(resolve_hparams(hparams_file, overrides))
-    text = json.dumps(_plain(resolved), sort_keys=True)
+    plain = {
+        key: value
+        for key, value in _plain(resolved).items()
+        if key not in NEUTRAL_DEFAULTS or value != NEUTRAL_DEFAULTS[key]
+    }
+    text = json.dumps(plain, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -1,5 +1,6 @@
 """Low-resource adaptation: adapt.py, vocabulary extension, protocol outputs."""
 
+import json
 import os
 
 import matplotlib.image
@@ -132,14 +133,39 @@ def test_the_adapted_model_is_saved_and_warm_starts_a_training(
 def test_a_diverged_adaptation_is_not_saved(
     init_run, tiny_corpus, tmp_path, patience, message
 ):
-    """Stopped by SpeechBrain's nonfinite_patience, or else before saving."""
+    """Stopped by SpeechBrain's nonfinite_patience, or else before saving.
+
+    (Without the selection: it keeps the last step, which diverged.)
+    """
     out = tmp_path / "diverged"
     with pytest.raises((RuntimeError, ValueError), match=message):
         run_adapt(
             tiny_corpus, out, init_checkpoint=init_run, adapt_optimizer="sgd", lr=1e30,
-            nonfinite_patience=patience,
+            nonfinite_patience=patience, selection_fraction=0,
         )  # fmt: skip
     assert not list(out.glob("save/CKPT+*"))
+
+
+def test_the_selection_keeps_the_step_before_a_divergence(
+    init_run, tiny_corpus, tmp_path
+):
+    out = tmp_path / "diverged"
+    run_adapt(
+        tiny_corpus, out, init_checkpoint=init_run, adapt_optimizer="sgd", lr=1e30,
+        nonfinite_patience=10000,
+    )  # fmt: skip
+    assert json.loads((out / "selection.json").read_text())["step"] == 0
+    # What is kept is the initialisation (with the target's new letters).
+    start = tmp_path / "start"
+    run_adapt(
+        tiny_corpus, start, init_checkpoint=init_run, curve_steps="[0]",
+        selection_fraction=0,
+    )  # fmt: skip
+    kept, initial = (
+        torch.load(folder / "save" / "CKPT+adapted" / "model.ckpt")
+        for folder in (out, start)
+    )
+    assert all(torch.equal(kept[k], initial[k]) for k in initial)
 
 
 @pytest.mark.parametrize("rows", [128, None])
@@ -258,6 +284,8 @@ def test_protocol_writes_csv_report_and_plots(init_run, tiny_corpus, tmp_path):
     assert all(0 <= r["cer"] and 0 <= r["wer"] for r in rows)
     with open(outputs["csv"], encoding="utf-8") as stream:
         assert stream.readline().strip() == ",".join(RESULT_FIELDS)
+    # One seed: today's columns and layout, and a summary beside the CSV.
+    assert not list(out.glob("seed_*")) and os.path.isfile(outputs["summary"])
 
     report = open(outputs["report"], encoding="utf-8").read()
     assert report.startswith("# Test protocol")

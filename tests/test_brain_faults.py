@@ -239,30 +239,40 @@ class Killed(Exception):
     pass
 
 
+def fit_until_killed(brain, dataset, kill_at=None, kill_epoch=2):
+    """Fit a :func:`dropout_brain` on ``dataset`` for its epochs; return it.
+
+    With ``kill_at``, :class:`Killed` is raised once batch ``kill_at`` of
+    epoch ``kill_epoch`` has ended (before its intra-epoch checkpoint).
+    """
+    if kill_at is not None:
+        end = brain.on_fit_batch_end
+
+        def on_fit_batch_end(*args):
+            end(*args)
+            epoch = brain.hparams.epoch_counter.current
+            if epoch == kill_epoch and brain.step == kill_at:
+                raise Killed
+
+        brain.on_fit_batch_end = on_fit_batch_end
+    torch.manual_seed(1234)  # what a rerun's seed_everything does
+    brain.fit(
+        brain.hparams.epoch_counter,
+        dataset,
+        dataset,
+        train_loader_kwargs={"batch_sampler": sampler(dataset)},
+        valid_loader_kwargs={"batch_sampler": eval_sampler(dataset)},
+        progressbar=False,
+    )
+    return brain
+
+
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_resume_is_bit_exact_with_dropout_and_augmentation(algorithm, tmp_path):
     dataset = sine_tasks()
 
     def run(folder, kill_at=None):
-        brain = dropout_brain(algorithm, folder)
-        if kill_at is not None:
-            end = brain.on_fit_batch_end
-
-            def on_fit_batch_end(*args):
-                end(*args)
-                if brain.hparams.epoch_counter.current == 2 and brain.step == kill_at:
-                    raise Killed
-
-            brain.on_fit_batch_end = on_fit_batch_end
-        torch.manual_seed(1234)  # what a rerun's seed_everything does
-        brain.fit(
-            brain.hparams.epoch_counter,
-            dataset,
-            dataset,
-            train_loader_kwargs={"batch_sampler": sampler(dataset)},
-            valid_loader_kwargs={"batch_sampler": eval_sampler(dataset)},
-            progressbar=False,
-        )
+        brain = fit_until_killed(dropout_brain(algorithm, folder), dataset, kill_at)
         return torch.nn.utils.parameters_to_vector(brain.modules.parameters())
 
     reference = run(tmp_path / "reference")

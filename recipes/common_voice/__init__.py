@@ -1,0 +1,1 @@
+"""Mozilla Common Voice releases (downloaded by the user, read only)."""

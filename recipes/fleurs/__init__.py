@@ -1,0 +1,1 @@
+"""Google FLEURS (downloaded by the user, read only)."""
