@@ -17,12 +17,16 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from speechbrain_meta.ctc import ctc_loss_differentiable
+# This checkout's package, not another one an environment may have installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from speechbrain_meta.ctc import ctc_loss_differentiable  # noqa: E402
 
 SIZES = [(8, 100, 40), (8, 100, 300), (8, 200, 40), (8, 200, 300)]
 # Sizes of a GPU's batches: more utterances, longer inputs (benchmarks/gpu_check.py).

@@ -60,10 +60,7 @@ import speechbrain as sb
 import torch
 import yaml
 
-from speechbrain_meta import MAML, MultiTask, Reptile
-from speechbrain_meta.ctc import ctc_loss_differentiable
-from speechbrain_meta.hparams import load_hparams
-
+# This checkout's package, not another one an environment may have installed.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -74,7 +71,10 @@ from benchmarks.bench_ctc import (  # noqa: E402
     synchronize,
 )
 from recipes.embedded_corpus.prepare import prepare_embedded_corpus  # noqa: E402
+from speechbrain_meta import MAML, MultiTask, Reptile  # noqa: E402
 from speechbrain_meta.asr import ASR, dataio_prepare, insert_adapters  # noqa: E402
+from speechbrain_meta.ctc import ctc_loss_differentiable  # noqa: E402
+from speechbrain_meta.hparams import load_hparams  # noqa: E402
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "multitask")
 DEFAULT_HPARAMS = [
