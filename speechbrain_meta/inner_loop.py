@@ -427,7 +427,8 @@ def sgd_steps(
         each step's in the backward pass of a later loss (gradient
         checkpointing, the same random state): the same derivatives, a peak
         memory that grows by the fast weights per step instead of a whole
-        step's graph, for one more forward and backward pass per step.
+        step's graph, for recomputing each step (its forward pass and its
+        differentiable backward) once more.
         Without ``create_graph`` it changes nothing.
 
     Returns
