@@ -34,6 +34,16 @@ setup(
         # from source (needs cmake and a C++ compiler); SpeechBrain's KenLM
         # scorer imports pygtrie.
         "lm": ["kenlm>=0.2", "pygtrie>=2.1"],
+        # The peers of benchmarks/bench_peers.py (never needed to train or test).
+        # learn2learn 0.2.0 does not build on Python 3.11 (its C includes
+        # longintrepr.h), so it is asked for on older Pythons only.
+        "bench": [
+            "higher>=0.2.1",
+            "torchopt>=0.7.3",
+            "optree>=0.13",
+            "graphviz>=0.20",
+            "learn2learn>=0.2.0; python_version < '3.11'",
+        ],
     },
     license="Apache-2.0",
 )

@@ -17,14 +17,32 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
-from typing import Callable, Dict, List
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from speechbrain_meta.ctc import ctc_loss_differentiable
+# This checkout's package, not another one an environment may have installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from speechbrain_meta.ctc import ctc_loss_differentiable  # noqa: E402
 
 SIZES = [(8, 100, 40), (8, 100, 300), (8, 200, 40), (8, 200, 300)]
+# Sizes of a GPU's batches: more utterances, longer inputs (benchmarks/gpu_check.py).
+GPU_SIZES = [(32, 400, 128), (32, 800, 128), (64, 400, 300)]
+
+
+def parse_size(text: str) -> Tuple[int, int, int]:
+    """``B,T,C`` as a tuple of three ints.
+
+    Example
+    -------
+    >>> parse_size("8,100,40")
+    (8, 100, 40)
+    """
+    batch, frames, classes = (int(value) for value in text.split(","))
+    return batch, frames, classes
 
 
 def make_batch(batch: int, frames: int, classes: int, device: str) -> Dict:
@@ -109,7 +127,7 @@ def median_times(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     """Parse the arguments, time every size and print the Markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -118,8 +136,15 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="torch.set_num_threads (default: torch's)"
     )
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        type=parse_size,
+        default=SIZES,
+        help="batch, frames and classes of each size, as B,T,C",
+    )
     parser.add_argument("--out", help="also write the table to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -133,7 +158,7 @@ def main() -> None:
         "| second order | ratio |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for batch, frames, classes in SIZES:
+    for batch, frames, classes in args.sizes:
         data = make_batch(batch, frames, classes, args.device)
         runs = {
             "native": first_order(torch.nn.functional.ctc_loss, data),

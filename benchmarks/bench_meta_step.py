@@ -60,10 +60,7 @@ import speechbrain as sb
 import torch
 import yaml
 
-from speechbrain_meta import MAML, MultiTask, Reptile
-from speechbrain_meta.ctc import ctc_loss_differentiable
-from speechbrain_meta.hparams import load_hparams
-
+# This checkout's package, not another one an environment may have installed.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -74,7 +71,10 @@ from benchmarks.bench_ctc import (  # noqa: E402
     synchronize,
 )
 from recipes.embedded_corpus.prepare import prepare_embedded_corpus  # noqa: E402
+from speechbrain_meta import MAML, MultiTask, Reptile  # noqa: E402
 from speechbrain_meta.asr import ASR, dataio_prepare, insert_adapters  # noqa: E402
+from speechbrain_meta.ctc import ctc_loss_differentiable  # noqa: E402
+from speechbrain_meta.hparams import load_hparams  # noqa: E402
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "multitask")
 DEFAULT_HPARAMS = [
@@ -542,15 +542,8 @@ def verdicts(
     return lines
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """The command-line options."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--hparams",
-        nargs="+",
-        default=DEFAULT_HPARAMS,
-        help="training YAMLs, each optionally followed by :key=value,...",
-    )
+def episode_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the corpus, the episode, the rounds and the device."""
     parser.add_argument("--data_folder", default="data/embedded_tiny")
     parser.add_argument(
         "--corpus_size",
@@ -565,7 +558,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--ctc_repeats", type=int, default=30)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
         "--threads",
@@ -573,6 +565,27 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="torch CPU threads (default: torch's); 1 is steadiest on a busy machine",
     )
     parser.add_argument("--out", help="also write the report to this file")
+
+
+def write_report(report: str, out: Optional[str]) -> None:
+    """Print the report, and write it to ``out`` if given."""
+    print(report)
+    if out:
+        with open(out, "w", encoding="utf-8") as stream:
+            stream.write(report + "\n")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--hparams",
+        nargs="+",
+        default=DEFAULT_HPARAMS,
+        help="training YAMLs, each optionally followed by :key=value,...",
+    )
+    episode_arguments(parser)
+    parser.add_argument("--ctc_repeats", type=int, default=30)
     parser.add_argument(
         "--ssl_source",
         help="encoder of the ssl group (default: a tiny wav2vec2, built here)",
@@ -680,10 +693,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             *verdicts(runs, timings, ctc_timings, mib),
         ]
     )
-    print(report)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as stream:
-            stream.write(report + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

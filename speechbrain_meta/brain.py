@@ -406,7 +406,10 @@ class MetaBrain(sb.Brain):
         gradient of a later loss reaches the meta-parameters through every
         inner step (second order); without it, through the identity only
         (first order). The other parameters are the modules' own. The
-        modules' parameters and buffers are untouched.
+        modules' parameters and buffers are untouched. With YAML
+        ``checkpoint_inner_steps: True``, second-order steps keep no
+        activations: each is recomputed in the backward pass (gradient
+        checkpointing; the same meta-gradient, less memory, more time).
 
         Arguments
         ---------
@@ -446,6 +449,7 @@ class MetaBrain(sb.Brain):
             lr,
             create_graph,
             keep_trajectory,
+            checkpoint_steps=bool(self._hparam("checkpoint_inner_steps", False)),
         )
 
     # ------------------------------------------------------------- training

@@ -12,8 +12,9 @@ with them. Everything it takes is here:
 * :func:`sgd_steps` takes the SGD steps on the fast weights (differentiable
   themselves with ``create_graph``, for second-order MAML) and stops with
   :class:`NonFiniteError` at a non-finite loss or gradient; it returns
-  :class:`AdaptedWeights`. :meth:`speechbrain_meta.MetaBrain.inner_loop` is
-  this on the Brain's recipe.
+  :class:`AdaptedWeights`. With ``checkpoint_steps`` the second-order steps
+  keep no activations and are recomputed in the backward pass.
+  :meth:`speechbrain_meta.MetaBrain.inner_loop` is this on the Brain's recipe.
 * :func:`fast_weight_context` stops recurrent layers from re-flattening their
   weights into cuDNN's single buffer, an in-place operation that would cut
   the fast weights off from the autograd graph (:meth:`BrainObjective.call`
@@ -65,6 +66,7 @@ from typing import Callable, Dict, Iterator, NamedTuple, Tuple, Union
 import torch
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 from speechbrain_meta.ctc import twice_differentiable_ctc
 from speechbrain_meta.patching import SharedSetting, ThreadLocalPatch
@@ -326,6 +328,62 @@ def all_finite(tensors) -> bool:
 Rate = Union[float, Callable[[str, int], Union[float, torch.Tensor]]]
 
 
+def _sgd_step(
+    loss: Callable[[Tensors, Tensors], torch.Tensor],
+    weights: Tensors,
+    buffers: Tensors,
+    rate: Callable[[str, int], Union[float, torch.Tensor]],
+    step: int,
+    create_graph: bool,
+) -> Tuple[torch.Tensor, Tensors]:
+    """One SGD step: the loss at ``weights`` and the weights after the step."""
+    value = loss(weights, buffers)
+    if not torch.isfinite(value):
+        raise NonFiniteError(f"support loss {value.item()} at inner step {step + 1}")
+    grads = torch.autograd.grad(
+        value, list(weights.values()), create_graph=create_graph, allow_unused=True
+    )
+    if not all_finite(grads):
+        raise NonFiniteError(f"support gradient at inner step {step + 1}")
+    return value, {
+        name: w if g is None else w - rate(name, step) * g
+        for (name, w), g in zip(weights.items(), grads)
+    }
+
+
+def _checkpointed_sgd_step(
+    loss: Callable[[Tensors, Tensors], torch.Tensor],
+    weights: Tensors,
+    buffers: Tensors,
+    rate: Callable[[str, int], Union[float, torch.Tensor]],
+    step: int,
+) -> Tuple[torch.Tensor, Tensors, Tensors]:
+    """:func:`_sgd_step` with its activations recomputed in the backward pass.
+
+    ``torch.utils.checkpoint`` (non-reentrant) over the step, the fast
+    weights its inputs: the step's graph (its forward and its differentiable
+    backward) is freed once the step is taken and rebuilt when the backward
+    pass of a later loss reaches it, with the random state of the first run
+    (``preserve_rng_state``), so dropout draws the same masks. The loss runs
+    on clones of ``buffers`` both times, so that statistics it updates in
+    place are updated once; the updated clones are returned.
+    """
+    names, buffer_names = list(weights), list(buffers)
+
+    def run(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        fresh = {name: b.clone() for name, b in buffers.items()}
+        value, new = _sgd_step(
+            loss, dict(zip(names, tensors)), fresh, rate, step, create_graph=True
+        )
+        return (value, *new.values(), *fresh.values())
+
+    value, *outputs = checkpoint(
+        run, *weights.values(), use_reentrant=False, preserve_rng_state=True
+    )
+    new_weights = dict(zip(names, outputs[: len(names)]))
+    return value, new_weights, dict(zip(buffer_names, outputs[len(names) :]))
+
+
 def sgd_steps(
     loss: Callable[[Tensors, Tensors], torch.Tensor],
     parameters: Tensors,
@@ -334,6 +392,7 @@ def sgd_steps(
     lr: Rate,
     create_graph: bool = False,
     keep_trajectory: bool = False,
+    checkpoint_steps: bool = False,
 ) -> AdaptedWeights:
     """Take ``steps`` SGD steps of ``loss`` on fast weights.
 
@@ -363,6 +422,14 @@ def sgd_steps(
         Whether the gradients of the steps are themselves differentiable.
     keep_trajectory : bool
         Whether to return the weights after every step too.
+    checkpoint_steps : bool
+        With ``create_graph``: keep no activations of the steps, recompute
+        each step's in the backward pass of a later loss (gradient
+        checkpointing, the same random state): the same derivatives, a peak
+        memory that grows by the fast weights per step instead of a whole
+        step's graph, for recomputing each step (its forward pass and its
+        differentiable backward) once more.
+        Without ``create_graph`` it changes nothing.
 
     Returns
     -------
@@ -373,26 +440,29 @@ def sgd_steps(
     ------
     NonFiniteError
         When a loss or its gradient is not finite (the task must be skipped).
+
+    Example
+    -------
+    >>> theta = {"x": torch.tensor([0.0], requires_grad=True)}
+    >>> def support_loss(weights, buffers):
+    ...     return ((weights["x"] - 3.0) ** 2).sum()
+    >>> adapted = sgd_steps(
+    ...     support_loss, theta, {}, 2, 0.25, create_graph=True, checkpoint_steps=True
+    ... )
+    >>> torch.autograd.grad(adapted.parameters["x"].sum(), theta["x"])
+    (tensor([0.2500]),)
     """
     rate = lr if callable(lr) else (lambda name, step: lr)
     weights = parameters
     value = torch.zeros(())
     trajectory = []
     for step in range(steps):
-        value = loss(weights, buffers)
-        if not torch.isfinite(value):
-            raise NonFiniteError(
-                f"support loss {value.item()} at inner step {step + 1}"
+        if checkpoint_steps and create_graph:
+            value, weights, buffers = _checkpointed_sgd_step(
+                loss, weights, buffers, rate, step
             )
-        grads = torch.autograd.grad(
-            value, list(weights.values()), create_graph=create_graph, allow_unused=True
-        )
-        if not all_finite(grads):
-            raise NonFiniteError(f"support gradient at inner step {step + 1}")
-        weights = {
-            name: w if g is None else w - rate(name, step) * g
-            for (name, w), g in zip(weights.items(), grads)
-        }
+        else:
+            value, weights = _sgd_step(loss, weights, buffers, rate, step, create_graph)
         if keep_trajectory:
             trajectory.append(weights)
     return AdaptedWeights(weights, buffers, value.detach(), tuple(trajectory))

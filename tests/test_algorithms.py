@@ -270,13 +270,18 @@ def test_gradient_accumulation_is_refused():
 
 @pytest.mark.parametrize("algorithm", [MAML, FOMAML, Reptile])
 def test_bf16_meta_step_runs_under_autocast(algorithm):
+    bf16_meta_step(algorithm, "cpu")
+
+
+def bf16_meta_step(algorithm, device, **hparams):
+    """A bf16 meta-step on ``device`` trains fp32 weights under autocast."""
     brain_class = type("Brain", (Regression, algorithm), {})
     torch.manual_seed(0)
     brain = brain_class(
         {"net": torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))},
         opt_class=lambda params: torch.optim.SGD(params, lr=0.1),
-        hparams={"inner_lr": INNER_LR},
-        run_opts={"precision": "bf16"},
+        hparams={"inner_lr": INNER_LR, **hparams},
+        run_opts={"precision": "bf16", "device": device},
     )
     brain.init_optimizers()
     seen = []
@@ -285,11 +290,15 @@ def test_bf16_meta_step_runs_under_autocast(algorithm):
     reference = regression_task(10)
     task = Task(
         "t",
-        *(tuple(t.float() for t in b) for b in (reference.support, reference.query)),
+        *(
+            tuple(t.float().to(device) for t in b)
+            for b in (reference.support, reference.query)
+        ),
     )
     loss = brain.fit_batch(MetaBatch([task]))
     assert torch.isfinite(loss)
     assert torch.bfloat16 in seen  # the recipe ran under bf16 autocast
     after = list(brain.modules.parameters())
     assert all(p.dtype == torch.float32 for p in after)  # fp32 master weights
+    assert all(p.device.type == torch.device(device).type for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(after, before))

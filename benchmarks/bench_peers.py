@@ -1,0 +1,474 @@
+"""Second-order MAML and FOMAML meta-steps: speechbrain-meta against its peers.
+
+On the model of each training YAML given with ``--hparams`` (by default the
+CTC model of ``hparams/maml_ctc.yaml`` and the Transformer of
+``hparams/maml_attention.yaml``), loaded as ``benchmarks/bench_meta_step.py``
+loads it, and on the same episode, every implementation computes the
+meta-gradient of one meta-step (the mean over the episode's tasks of the
+query loss's gradient after ``k`` SGD steps on the support batch, through
+every step for MAML, at the adapted weights for FOMAML) into the ``.grad`` of
+the same parameters, for each ``k`` of ``--steps``:
+
+* ``speechbrain-meta``: :meth:`speechbrain_meta.MAML.task_step`, what
+  ``fit_batch`` runs for each task;
+* ``higher``: ``higher.innerloop_ctx`` with ``torch.optim.SGD`` (FOMAML:
+  ``track_higher_grads=False`` and the query gradient at the fast weights
+  added to theta's, higher's first-order idiom);
+* ``torchopt``: its functional SGD (``torchopt.sgd``, ``update``,
+  ``apply_updates``) over ``torch.func.functional_call``;
+* ``torchopt MetaSGD``: ``torchopt.MetaSGD`` stepping the module in place
+  (MAML only: it always differentiates its steps);
+* ``torch.func``: the tutorial's plain loop, ``functional_call`` with
+  ``torch.autograd.grad``;
+* ``torch.func.grad``: the same loop with ``torch.func.grad``;
+* ``learn2learn``: ``MAML(...).clone().adapt(loss)``.
+
+The loss is the same for all: the recipe's ``compute_forward`` and
+``compute_objectives`` (``speechbrain_meta.inner_loop.BrainObjective``),
+second order inside ``second_order_context`` (our twice-differentiable CTC,
+recurrent layers without cuDNN, attention on the math backend), first order
+without it, as ``MAML.task_step`` does: no peer could differentiate twice
+through PyTorch's CTC. ``higher`` and ``learn2learn`` copy the modules, so the
+recipe's ``self.modules`` points at their copies while they run. The
+outer optimizer step, the same for everyone, is left out.
+
+Fairness check: every run starts from the same random seed (dropout masks
+alike), and each peer's meta-gradient is compared with ours on the same
+episode before anything is timed (``same gradient``: the largest difference
+of an entry relative to the largest entry of our gradient). Then every run is
+timed round-robin as in ``bench_meta_step.py`` (a peer right after ours of
+the same row; ratios are medians of per-round ratios), and its peak memory
+measured in one more call. A peer that is not installed, or that fails, is
+reported as such in the table, never left out silently.
+
+Peers are the ``bench`` extra: ``pip install -e ".[bench]" -c constraints.txt``
+(learn2learn 0.2.0 does not build on Python 3.11: its generated C includes
+``longintrepr.h``).
+
+    python benchmarks/bench_peers.py --threads 1 --tasks 2 --out peers.md
+"""
+
+import argparse
+import importlib
+import os
+import sys
+import tempfile
+import traceback
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+
+import speechbrain as sb
+import torch
+from torch.func import functional_call
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.bench_meta_step import (  # noqa: E402
+    MIB,
+    Timings,
+    benchmark_hparams,
+    build_brain,
+    episode_arguments,
+    first_episode,
+    header,
+    model_name,
+    peak_memory,
+    write_report,
+)
+from recipes.embedded_corpus.prepare import prepare_embedded_corpus  # noqa: E402
+from speechbrain_meta import MAML  # noqa: E402
+from speechbrain_meta.inner_loop import (  # noqa: E402
+    fast_weight_context,
+    second_order_context,
+)
+
+DEFAULT_HPARAMS = [
+    str(REPO_ROOT / "hparams" / "maml_ctc.yaml"),
+    str(REPO_ROOT / "hparams" / "maml_attention.yaml"),
+]
+OURS = "speechbrain-meta"
+# A peer's gradient is the same as ours within float32 rounding of the sums.
+SAME_GRADIENT = 1e-4
+TRAIN = sb.Stage.TRAIN
+TaskStep = Callable[[MAML, object, int, bool], None]
+
+
+@contextmanager
+def same_loss(first_order: bool) -> Iterator[None]:
+    """The context of ``MAML.task_step``'s losses, for a peer's loop."""
+    with nullcontext() if first_order else second_order_context():
+        with fast_weight_context():
+            yield
+
+
+@contextmanager
+def recipe_modules(brain: MAML, module: torch.nn.Module) -> Iterator[None]:
+    """Point the recipe's ``self.modules`` at the submodules of ``module``.
+
+    For the peers that copy the model (``higher``, ``learn2learn``): the
+    recipe's methods then run on the copies, with the peer's fast weights.
+    """
+    own = brain.modules
+    brain.modules = torch.nn.ModuleDict(dict(module.named_children()))
+    try:
+        yield
+    finally:
+        brain.modules = own
+
+
+def model_loss(objective, params: Dict, buffers: Dict, batch) -> torch.Tensor:
+    """The recipe's loss on ``batch`` with ``params`` and ``buffers``."""
+    return functional_call(objective, {**params, **buffers}, (batch, TRAIN))
+
+
+def add_to_grad(tensors, grads) -> None:
+    """Accumulate ``grads`` into the ``.grad`` of ``tensors``."""
+    for p, g in zip(tensors, grads):
+        p.grad = g if p.grad is None else p.grad + g
+
+
+def ours(brain: MAML, task, steps: int, first_order: bool) -> None:
+    """:meth:`MAML.task_step` with ``steps`` inner steps."""
+    brain.hparams.inner_steps = steps
+    brain.hparams.first_order = first_order
+    brain.task_step(task)
+
+
+def plain_loop(brain: MAML, task, steps: int, first_order: bool) -> None:
+    """The torch.func tutorial's loop: ``functional_call`` + ``autograd.grad``."""
+    objective, lr = brain.objective(), brain.inner_lr
+    params, buffers = brain.meta_parameters(), brain.copy_buffers()
+    with same_loss(first_order):
+        for _ in range(steps):
+            loss = model_loss(objective, params, buffers, task.support)
+            grads = torch.autograd.grad(
+                loss, list(params.values()), create_graph=not first_order
+            )
+            params = {n: p - lr * g for (n, p), g in zip(params.items(), grads)}
+        model_loss(objective, params, buffers, task.query).backward()
+
+
+def func_grad(brain: MAML, task, steps: int, first_order: bool) -> None:
+    """The same loop with ``torch.func.grad`` for the inner gradients."""
+    objective, lr = brain.objective(), brain.inner_lr
+    params, buffers = brain.meta_parameters(), brain.copy_buffers()
+
+    def support_loss(weights: Dict) -> torch.Tensor:
+        return model_loss(objective, weights, buffers, task.support)
+
+    with same_loss(first_order):
+        for _ in range(steps):
+            grads = torch.func.grad(support_loss)(params)
+            if first_order:
+                grads = {n: g.detach() for n, g in grads.items()}
+            params = {n: p - lr * grads[n] for n, p in params.items()}
+        model_loss(objective, params, buffers, task.query).backward()
+
+
+def higher_loop(brain: MAML, task, steps: int, first_order: bool) -> None:
+    """``higher.innerloop_ctx`` with ``torch.optim.SGD``."""
+    import higher
+
+    objective = brain.objective()
+    optimizer = torch.optim.SGD(objective.parameters(), lr=brain.inner_lr)
+    with (
+        same_loss(first_order),
+        higher.innerloop_ctx(
+            objective,
+            optimizer,
+            copy_initial_weights=False,
+            track_higher_grads=not first_order,
+        ) as (fmodel, diffopt),
+    ):
+        with recipe_modules(brain, fmodel):
+            for _ in range(steps):
+                diffopt.step(fmodel(task.support, TRAIN))
+            query_loss = fmodel(task.query, TRAIN)
+            if first_order:
+                fast = list(fmodel.parameters())
+                add_to_grad(
+                    objective.parameters(), torch.autograd.grad(query_loss, fast)
+                )
+            else:
+                query_loss.backward()
+
+
+def torchopt_functional(brain: MAML, task, steps: int, first_order: bool) -> None:
+    """torchopt's functional SGD: ``sgd``, ``update``, ``apply_updates``."""
+    import torchopt
+
+    objective = brain.objective()
+    names, params = zip(*brain.meta_parameters().items())
+    buffers = brain.copy_buffers()
+    optimizer = torchopt.sgd(lr=brain.inner_lr)
+    state = optimizer.init(params)
+    with same_loss(first_order):
+        for _ in range(steps):
+            loss = model_loss(
+                objective, dict(zip(names, params)), buffers, task.support
+            )
+            grads = torch.autograd.grad(loss, params, create_graph=not first_order)
+            updates, state = optimizer.update(grads, state, inplace=False)
+            params = torchopt.apply_updates(params, updates, inplace=False)
+        model_loss(objective, dict(zip(names, params)), buffers, task.query).backward()
+
+
+def torchopt_metasgd(brain: MAML, task, steps: int, first_order: bool) -> None:
+    """``torchopt.MetaSGD`` on the modules, restored afterwards."""
+    import torchopt
+
+    if first_order:
+        raise NotImplementedError("MetaSGD always differentiates its steps")
+    objective = brain.objective()
+    state = torchopt.extract_state_dict(objective)
+    optimizer = torchopt.MetaSGD(objective, lr=brain.inner_lr)
+    try:
+        with same_loss(first_order):
+            for _ in range(steps):
+                optimizer.step(objective(task.support, TRAIN))
+            objective(task.query, TRAIN).backward()
+    finally:
+        torchopt.recover_state_dict(objective, state)
+
+
+def learn2learn_loop(brain: MAML, task, steps: int, first_order: bool) -> None:
+    """``learn2learn.algorithms.MAML(...).clone().adapt(loss)``."""
+    import learn2learn
+
+    objective = brain.objective()
+    maml = learn2learn.algorithms.MAML(
+        objective, lr=brain.inner_lr, first_order=first_order
+    )
+    learner = maml.clone()
+    with same_loss(first_order), recipe_modules(brain, learner.module):
+        for _ in range(steps):
+            learner.adapt(learner(task.support, TRAIN))
+        learner(task.query, TRAIN).backward()
+
+
+class Peer(NamedTuple):
+    """An implementation: its name, the module it needs and its task step."""
+
+    name: str
+    module: Optional[str]
+    task_step: TaskStep
+
+
+PEERS = [
+    Peer(OURS, None, ours),
+    Peer("higher", "higher", higher_loop),
+    Peer("torchopt", "torchopt", torchopt_functional),
+    Peer("torchopt MetaSGD", "torchopt", torchopt_metasgd),
+    Peer("torch.func", None, plain_loop),
+    Peer("torch.func.grad", None, func_grad),
+    Peer("learn2learn", "learn2learn", learn2learn_loop),
+]
+
+
+def missing(module: Optional[str]) -> Optional[str]:
+    """Why ``module`` cannot be imported, or None when it can."""
+    if module is None:
+        return None
+    try:
+        importlib.import_module(module)
+    except Exception as error:  # noqa: BLE001 - any import failure skips the peer
+        return f"not importable ({type(error).__name__}: {error})"
+    return None
+
+
+def meta_step(
+    brain: MAML, episode, steps: int, first_order: bool, peer: Peer, seed: int
+):
+    """One meta-gradient of the episode by ``peer``, into the parameters' grads."""
+    parameters = list(brain.meta_parameters().values())
+
+    def run() -> None:
+        for p in parameters:
+            p.grad = None
+        torch.manual_seed(seed)
+        for task in episode.tasks:
+            peer.task_step(brain, task, steps, first_order)
+        for p in parameters:
+            if p.grad is not None:
+                p.grad /= len(episode.tasks)
+
+    return run
+
+
+def gradient(brain: MAML, step: Callable[[], None]) -> List[torch.Tensor]:
+    """The meta-gradient that ``step`` leaves (zeros where none)."""
+    step()
+    return [
+        torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+        for p in brain.meta_parameters().values()
+    ]
+
+
+def difference(grads: List[torch.Tensor], reference: List[torch.Tensor]) -> float:
+    """Largest entry of ``grads - reference`` over the largest of ``reference``."""
+    scale = max(float(r.abs().max()) for r in reference)
+    worst = max(float((g - r).abs().max()) for g, r in zip(grads, reference))
+    return worst / scale
+
+
+class Row(NamedTuple):
+    """One peer on one model, algorithm and number of inner steps."""
+
+    model: str
+    algorithm: str
+    steps: int
+    peer: str
+    step: Optional[Callable[[], None]]  # None: skipped or failed
+    note: str  # why skipped or failed, or the gradient difference
+
+
+def peer_rows(brain: MAML, model: str, episode, args) -> List[Row]:
+    """Every peer's row for one model, each checked against ours first."""
+    if set(brain.fast_weight_names) != set(brain.meta_parameters()):
+        raise ValueError(
+            f"{model}: the peers adapt every parameter; keep inner_params null."
+        )
+    reasons = {peer.name: missing(peer.module) for peer in PEERS}
+    rows = []
+    for first_order in (False, True):
+        algorithm = "FOMAML" if first_order else "MAML"
+        for steps in args.steps:
+            reference = None
+            for peer in PEERS:
+                step = meta_step(brain, episode, steps, first_order, peer, args.seed)
+                note = reasons[peer.name]
+                if note is None:
+                    try:
+                        grads = gradient(brain, step)
+                    except Exception as error:  # noqa: BLE001 - reported in the table
+                        if peer.name == OURS:
+                            raise
+                        last = traceback.extract_tb(error.__traceback__)[-1]
+                        note = (
+                            f"failed: {type(error).__name__}: "
+                            f"{str(error).splitlines()[0].split('. ')[0]} "
+                            f"({Path(last.filename).name}:{last.lineno})"
+                        )
+                    else:
+                        if reference is None:
+                            reference = grads
+                        note = f"{difference(grads, reference):.1e}"
+                rows.append(
+                    Row(model, algorithm, steps, peer.name,
+                        step if is_number(note) else None, note)
+                )  # fmt: skip
+    return rows
+
+
+def is_number(text: str) -> bool:
+    """Whether ``text`` is a number (a gradient difference, not a reason)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def table(rows: List[Row], timings: Timings, mib: Dict[Tuple, float]) -> List[str]:
+    """The Markdown table: each peer's time and memory, and ratios to ours."""
+    lines = [
+        "| model | algorithm | k | implementation | ms / meta-step | x ours "
+        "| peak MiB | x ours (memory) | same gradient |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        key = row[:4]
+        ours_key = (*row[:3], OURS)
+        if row.step is None:
+            lines.append(
+                f"| {' | '.join(map(str, key))} | - | - | - | - | {row.note} |"
+            )
+            continue
+        same = "yes" if float(row.note) <= SAME_GRADIENT else "NO"
+        lines.append(
+            f"| {' | '.join(map(str, key))} | {timings.ms(key):.0f} "
+            f"| {timings.ratio(key, ours_key):.2f} | {mib[key]:.1f} "
+            f"| {mib[key] / mib[ours_key]:.2f} | {same} ({row.note}) |"
+        )
+    return lines
+
+
+def verdicts(rows: List[Row], timings: Timings, mib: Dict[Tuple, float]) -> List[str]:
+    """Where we are at most each peer in time and in memory, and where not."""
+    lines = []
+    for what, ratio in (
+        ("time", lambda key, ours_key: timings.ratio(key, ours_key)),
+        ("peak memory", lambda key, ours_key: mib[key] / mib[ours_key]),
+    ):
+        lost = [
+            f"{' '.join(map(str, row[:4]))} ({ratio(row[:4], (*row[:3], OURS)):.2f}x)"
+            for row in rows
+            if row.step is not None
+            and row.peer != OURS
+            and ratio(row[:4], (*row[:3], OURS)) < 1
+        ]
+        verdict = "met" if not lost else "MISSED where a peer is below ours: "
+        lines.append(
+            f"- Our {what} at most every peer's on every row: {verdict}"
+            + ", ".join(lost)
+            + ("" if not lost else ".")
+        )
+    return lines
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hparams", nargs="+", default=DEFAULT_HPARAMS)
+    episode_arguments(parser)
+    args = parser.parse_args(argv)
+    if min(args.steps) < 1:
+        parser.error("--steps must be positive.")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> str:
+    """Measure every implementation and print (and return) the report."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prepare_embedded_corpus(
+        args.data_folder, size=args.corpus_size, download_folder=args.download_folder
+    )
+    rows: List[Row] = []
+    brains = {}
+    episode = None
+    with tempfile.TemporaryDirectory() as folder:
+        for index, spec in enumerate(args.hparams):
+            hparams = benchmark_hparams(spec, args, os.path.join(folder, str(index)))
+            if not issubclass(hparams["brain_class"], MAML):
+                raise ValueError(f"{spec} is no MAML YAML.")
+            model = model_name(spec, hparams)
+            brain, train_data = build_brain(
+                hparams, hparams["brain_class"], args.device
+            )
+            episode = first_episode(brain, hparams, train_data, args.device)
+            brains[model] = brain
+            rows += peer_rows(brain, model, episode, args)
+        timed = {row[:4]: row.step for row in rows if row.step is not None}
+        timings = Timings(timed, args.repeats, args.warmup, args.device)
+        mib = {key: peak_memory(step, args.device) / MIB for key, step in timed.items()}
+    report = "\n".join(
+        [
+            header(args, brains, episode),
+            "",
+            *table(rows, timings, mib),
+            "",
+            "Targets:",
+            "",
+            *verdicts(rows, timings, mib),
+        ]
+    )
+    write_report(report, args.out)
+    return report
+
+
+if __name__ == "__main__":
+    main()

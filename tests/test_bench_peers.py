@@ -1,0 +1,127 @@
+"""The peer benchmark on tiny models: its table, and the fairness check that every
+installed peer computes our meta-gradient on the same episode."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_benchmarks import table_rows
+
+from benchmarks import bench_peers
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    f"{REPO_ROOT}/hparams/maml_ctc.yaml:cnn_channels=16,rnn_size=16",
+    f"{REPO_ROOT}/hparams/maml_attention.yaml:d_model=32,nhead=2,d_ffn=64",
+]
+# What a peer cannot do (said in the table instead of a time).
+CANNOT = {
+    ("torchopt MetaSGD", "FOMAML"): "MetaSGD always differentiates its steps",
+    # Our CTC loss is an autograd.Function without setup_context.
+    ("torch.func.grad", "MAML"): "must override the setup_context staticmethod",
+}
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return bench_peers
+
+
+@pytest.fixture(scope="module")
+def report(bench, tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("peers") / "peers.md"
+    threads = torch.get_num_threads()
+    try:
+        bench.main(
+            [
+                "--data_folder", tiny_corpus["data_folder"], "--hparams", *TINY,
+                "--steps", "2", "--tasks", "1", "--support", "1", "--query", "1",
+                "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(out),
+            ]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    return out.read_text()
+
+
+def rows_of(report, peer):
+    return [
+        row
+        for row in table_rows(report, "| model | algorithm")
+        if row["implementation"] == peer
+    ]
+
+
+def test_table_has_every_row_and_ours_is_the_reference(bench, report):
+    rows = table_rows(report, "| model | algorithm")
+    expected = {
+        (model, algorithm, k, peer.name)
+        for model in ("ctc cnn_channels=16 rnn_size=16",
+                      "attention/transformer d_model=32 nhead=2 d_ffn=64")
+        for algorithm in ("MAML", "FOMAML")
+        for k in ("2",)
+        for peer in bench.PEERS
+    }  # fmt: skip
+    assert {
+        (r["model"], r["algorithm"], r["k"], r["implementation"]) for r in rows
+    } == expected
+    for row in rows_of(report, bench.OURS):
+        assert float(row["ms / meta-step"]) > 0 and float(row["peak MiB"]) > 0
+        assert (row["x ours"], row["x ours (memory)"]) == ("1.00", "1.00")
+        assert row["same gradient"] == "yes (0.0e+00)"
+    assert "- Our time at most every peer's on every row: " in report
+    assert "- Our peak memory at most every peer's on every row: " in report
+
+
+@pytest.mark.parametrize(
+    "peer", ["higher", "torchopt", "torchopt MetaSGD", "torch.func", "torch.func.grad"]
+)
+def test_peer_meta_gradient_equals_ours(bench, report, peer):
+    rows = rows_of(report, peer)
+    assert len(rows) == 4
+    module = {p.name: p.module for p in bench.PEERS}[peer]
+    reason = bench.missing(module)
+    if reason is not None:
+        assert all(r["same gradient"] == reason for r in rows)
+        pytest.skip(f"{module} {reason}: pip install -e '.[bench]'")
+    for row in rows:
+        cannot = CANNOT.get((peer, row["algorithm"]))
+        if cannot is not None:
+            assert row["same gradient"].startswith("failed: ")
+            assert cannot in row["same gradient"]
+            continue
+        same, difference = row["same gradient"].split()
+        assert same == "yes" and float(difference.strip("()")) <= 1e-6, row
+        assert float(row["x ours"]) > 0 and float(row["x ours (memory)"]) > 0
+
+
+def test_learn2learn_is_reported_never_hidden(bench, report):
+    rows = rows_of(report, "learn2learn")
+    assert len(rows) == 4
+    reason = bench.missing("learn2learn")
+    if reason is None:
+        assert all(r["same gradient"].startswith("yes") for r in rows)
+    else:
+        assert all(r["same gradient"] == reason for r in rows)
+        assert "not importable" in reason
+
+
+def test_meta_gradients_are_allclose_on_the_same_episode(bench, tiny_corpus, tmp_path):
+    """The fairness check itself, without the table: allclose, tensor by tensor."""
+    args = bench.parse_args(
+        ["--data_folder", tiny_corpus["data_folder"], "--tasks", "2", "--support", "1",
+         "--query", "1"]
+    )  # fmt: skip
+    hparams = bench.benchmark_hparams(TINY[0], args, str(tmp_path))
+    brain, data = bench.build_brain(hparams, hparams["brain_class"], "cpu")
+    episode = bench.first_episode(brain, hparams, data, "cpu")
+    for first_order in (False, True):
+        ours, *peers = (
+            bench.gradient(brain, bench.meta_step(brain, episode, 2, first_order, p, 7))
+            for p in bench.PEERS
+            if p.name in ("speechbrain-meta", "torch.func")
+        )
+        assert any(g.abs().max() > 0 for g in ours)
+        for grads in peers:
+            for g, reference in zip(grads, ours):
+                torch.testing.assert_close(g, reference, rtol=1e-5, atol=1e-7)
