@@ -24,7 +24,7 @@ Command line (the transcripts of one task of a manifest, normalised as in
 training)::
 
     python -m speechbrain_meta.ngram --train_csv data/embedded/train.csv \
-        --task cs --order 3 --output data/embedded/lm/cs_3gram.arpa
+        --task cs --order 3 --output results/lm/cs_3gram.arpa
 
 Example
 -------
