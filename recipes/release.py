@@ -60,12 +60,13 @@ from tqdm import tqdm
 
 from recipes.manifest import (
     RECORD_NAME,
+    claim_folders,
     manifest_paths,
     wav_duration,
     write_manifest,
     write_record,
 )
-from recipes.preparation import SAMPLE_RATE
+from recipes.preparation import SAMPLE_RATE, preparation_parser
 from speechbrain_meta.audio import file_problem
 from speechbrain_meta.errors import SetupError
 from speechbrain_meta.text import is_clean, normalize_text
@@ -81,7 +82,7 @@ __all__ = [
     "convert_clip",
     "drop_wavs_of_another_release",
     "probe_audio",
-    "require_save_folder",
+    "release_parser",
     "short_ids",
 ]
 
@@ -506,18 +507,45 @@ def drop_wavs_of_another_release(save_folder: str, recipe: str, release: str) ->
         shutil.rmtree(wav)
 
 
-def require_save_folder(parser) -> None:
-    """Make ``--save_folder`` of a :func:`preparation_parser` required.
+def release_parser(description: str):
+    """The command line of a recipe that reads a download it never writes into.
+
+    A :func:`recipes.preparation.preparation_parser` with ``--save_folder``
+    required and the options of :func:`build_manifests` (the caps,
+    ``--capped_splits``, ``--max_duration``, ``--convert_to_wav``); the
+    recipe adds its own.
 
     Arguments
     ---------
-    parser : argparse.ArgumentParser
-        The parser of a recipe that reads a download it never writes into.
+    description : str
+        What the recipe builds.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The parser.
+
+    Example
+    -------
+    >>> args = release_parser("Build.").parse_args(
+    ...     ["--data_folder", "cv", "--save_folder", "out", "--max_duration", "20"]
+    ... )
+    >>> args.max_duration, args.capped_splits, args.convert_to_wav
+    (20.0, ['train'], False)
     """
+    parser = preparation_parser(description)
     for action in parser._actions:
         if "--save_folder" in action.option_strings:
             action.required = True
             action.help = "manifest folder (not inside --data_folder)"
+    parser.add_argument("--max_hours_per_language", type=float)
+    parser.add_argument("--max_hours_per_speaker", type=float)
+    parser.add_argument("--capped_splits", nargs="+", default=["train"])
+    parser.add_argument("--max_duration", type=float, default=30.0)
+    parser.add_argument(
+        "--convert_to_wav", action="store_true", help="16 kHz wavs in save_folder"
+    )
+    return parser
 
 
 def _check_texts(clips: Sequence[Clip], skips: SkipCounts) -> list:
@@ -575,22 +603,16 @@ def build_manifests(
     clips: Sequence[Clip],
     skips: SkipCounts,
     save_folder: str,
-    folders: Sequence[str],
     recipe: str,
     options: dict,
-    seed: int,
-    max_duration: Optional[float] = None,
-    max_hours_per_language: Optional[float] = None,
-    max_hours_per_speaker: Optional[float] = None,
-    capped_splits: Sequence[str] = ("train",),
-    convert_to_wav: bool = False,
+    described: dict,
     num_workers: int = 2,
-    described: Optional[dict] = None,
 ) -> dict:
-    """Check, cap, optionally convert the clips; write manifests and record.
+    """Claim the save folder; check, cap, optionally convert; write manifests.
 
-    See the module's documentation for the steps. ``folders`` must have been
-    claimed with :func:`recipes.manifest.claim_folders` (``save_folder`` last).
+    See the module's documentation for the steps. The save folder is claimed
+    (:func:`recipes.manifest.claim_folders`) after the wavs of another
+    release are dropped (:func:`drop_wavs_of_another_release`).
 
     Arguments
     ---------
@@ -600,32 +622,30 @@ def build_manifests(
         The clips the recipe left out already; the others are added.
     save_folder : str
         Where the manifests (and ``wav/``) go.
-    folders : sequence of str
-        The claimed folders, for :func:`recipes.manifest.write_record`.
     recipe : str
         The recipe's name.
     options : dict
-        The recipe's options (recorded; a rerun with equal ones is skipped).
-    seed : int
-        The seed of the caps.
-    max_duration : float, optional
-        Seconds; longer clips are skipped.
-    max_hours_per_language, max_hours_per_speaker : float, optional
-        The caps (see :func:`apply_caps`).
-    capped_splits : sequence of str
-        The splits the caps apply to.
-    convert_to_wav : bool
-        Write 16 kHz mono wavs into ``<save_folder>/wav/<lang>/``.
+        The recipe's options, recorded (a rerun with equal ones is skipped)
+        and read: ``release``, ``seed`` (of the caps), ``max_duration``
+        (seconds; longer clips are skipped), ``max_hours_per_language`` and
+        ``max_hours_per_speaker`` (:func:`apply_caps`), ``capped_splits``,
+        ``convert_to_wav`` (16 kHz mono wavs in ``<save_folder>/wav/<lang>/``).
+    described : dict
+        Further fields of ``corpus.json`` (languages, targets...).
     num_workers : int
         Threads that read headers and convert.
-    described : dict, optional
-        Further fields of ``corpus.json`` (languages, targets...).
 
     Returns
     -------
     dict
         ``{split: manifest path}``.
     """
+    drop_wavs_of_another_release(save_folder, recipe, options["release"])
+    folders = claim_folders([save_folder], recipe, options, **described)
+    seed, max_duration = options["seed"], options["max_duration"]
+    max_hours_per_language = options["max_hours_per_language"]
+    max_hours_per_speaker = options["max_hours_per_speaker"]
+    capped_splits, convert_to_wav = options["capped_splits"], options["convert_to_wav"]
     checked = _check_texts(clips, skips)
     words = {clip.utt_id: text for clip, text in checked}
     usable, read = _keep_audio(
@@ -710,7 +730,7 @@ def build_manifests(
         recipe,
         options,
         rows,
-        **(described or {}),
+        **described,
         speakers=speakers,
         shared_speakers=shared,
         skipped=skips.as_dict(),

@@ -62,16 +62,15 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from recipes.manifest import check_folder, claim_folders, is_prepared, manifest_paths
-from recipes.preparation import preparation_parser, run_preparation
+from recipes.manifest import check_folder, is_prepared, manifest_paths
+from recipes.preparation import run_preparation
 from recipes.release import (
     SPLITS,
     Clip,
     SkipCounts,
     build_manifests,
     check_save_folder,
-    drop_wavs_of_another_release,
-    require_save_folder,
+    release_parser,
     short_ids,
 )
 from speechbrain_meta.errors import SetupError
@@ -441,23 +440,8 @@ def prepare_common_voice(
         "targets": targets,
         "seed": seed,
     }
-    drop_wavs_of_another_release(save_folder, RECIPE, options["release"])
-    folders = claim_folders([save_folder], RECIPE, options, **described)
     return build_manifests(
-        clips,
-        skips,
-        save_folder,
-        folders,
-        RECIPE,
-        options,
-        seed=seed,
-        max_duration=options["max_duration"],
-        max_hours_per_language=options["max_hours_per_language"],
-        max_hours_per_speaker=options["max_hours_per_speaker"],
-        capped_splits=options["capped_splits"],
-        convert_to_wav=options["convert_to_wav"],
-        num_workers=num_workers,
-        described=described,
+        clips, skips, save_folder, RECIPE, options, described, num_workers
     )
 
 
@@ -469,19 +453,11 @@ def main(argv: Optional[list] = None) -> None:
     argv : list of str, optional
         Arguments; default: ``sys.argv[1:]``.
     """
-    parser = preparation_parser(__doc__.split("\n\n")[0])
-    require_save_folder(parser)
+    parser = release_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--locales", nargs="+", required=True, help="e.g. de fr")
     parser.add_argument("--target_locales", nargs="*", default=[])
-    parser.add_argument("--max_hours_per_language", type=float)
-    parser.add_argument("--max_hours_per_speaker", type=float)
-    parser.add_argument("--capped_splits", nargs="+", default=["train"])
-    parser.add_argument("--max_duration", type=float, default=30.0)
     parser.add_argument(
         "--use_validated", action="store_true", help="train from validated.tsv"
-    )
-    parser.add_argument(
-        "--convert_to_wav", action="store_true", help="16 kHz wavs in save_folder"
     )
     run_preparation(prepare_common_voice, parser, argv)
 
