@@ -37,6 +37,7 @@ import csv
 import hashlib
 import io
 import itertools
+import json
 import os
 import re
 import shutil
@@ -59,6 +60,10 @@ __all__ = [
     "build_fleurs_folder",
     "corrupt_file",
     "drop_tsv_column",
+    "manifest_bytes",
+    "manifests",
+    "read_rows",
+    "record",
     "tiny_rows",
     "tree_snapshot",
 ]
@@ -515,3 +520,31 @@ def tree_snapshot(folder) -> dict:
         size = 0 if kind == "dir" else status.st_size
         snapshot[str(path.relative_to(folder))] = (kind, size, status.st_mtime_ns)
     return snapshot
+
+
+# ------------------------------------------------ reading what a recipe wrote
+MANIFEST_SPLITS = ("train", "dev", "test")
+
+
+def read_rows(path) -> list:
+    """The rows of a manifest, checking its header."""
+    with open(path, newline="", encoding="utf-8") as stream:
+        reader = csv.DictReader(stream)
+        assert reader.fieldnames == ["ID", "duration", "wav", "spk_id", "lang", "wrd"]
+        return list(reader)
+
+
+def manifests(folder) -> dict:
+    """The rows of the three manifests of a save folder."""
+    return {s: read_rows(Path(folder, f"{s}.csv")) for s in MANIFEST_SPLITS}
+
+
+def manifest_bytes(folder) -> dict:
+    """The bytes of the manifests and ``corpus.json`` of a save folder."""
+    names = [f"{split}.csv" for split in MANIFEST_SPLITS] + ["corpus.json"]
+    return {name: Path(folder, name).read_bytes() for name in names}
+
+
+def record(folder) -> dict:
+    """The ``corpus.json`` of a save folder."""
+    return json.loads(Path(folder, "corpus.json").read_text(encoding="utf-8"))

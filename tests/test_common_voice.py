@@ -5,8 +5,6 @@ one, with the tiny embedded corpus's audio as 48 kHz mp3. Also here: the
 language-aware text normalisation the recipes use (speechbrain_meta/text.py).
 """
 
-import csv
-import json
 import re
 import shutil
 import subprocess
@@ -21,6 +19,10 @@ from release_fixtures import (
     build_common_voice_release,
     corrupt_file,
     drop_tsv_column,
+    manifest_bytes,
+    manifests,
+    read_rows,
+    record,
     tree_snapshot,
 )
 
@@ -57,26 +59,6 @@ def built(release, tmp_path_factory):
         str(release.folder), str(save), LOCALES, target_locales=["cs"]
     )
     return {"save": save, "paths": paths, "before": before}
-
-
-def read_rows(path) -> list:
-    with open(path, newline="", encoding="utf-8") as stream:
-        reader = csv.DictReader(stream)
-        assert reader.fieldnames == ["ID", "duration", "wav", "spk_id", "lang", "wrd"]
-        return list(reader)
-
-
-def manifests(folder) -> dict:
-    return {split: read_rows(Path(folder, f"{split}.csv")) for split in SPLITS}
-
-
-def manifest_bytes(folder) -> dict:
-    names = [f"{split}.csv" for split in SPLITS] + ["corpus.json"]
-    return {name: Path(folder, name).read_bytes() for name in names}
-
-
-def record(folder) -> dict:
-    return json.loads(Path(folder, "corpus.json").read_text(encoding="utf-8"))
 
 
 def copy_release(release, tmp_path):

@@ -5,8 +5,6 @@ Hugging Face ``google/fleurs`` data folder, with the tiny embedded corpus's
 16 kHz wavs.
 """
 
-import csv
-import json
 import re
 import shutil
 import subprocess
@@ -15,7 +13,14 @@ from pathlib import Path
 
 import pytest
 import soundfile
-from release_fixtures import build_fleurs_folder, corrupt_file, tree_snapshot
+from release_fixtures import (
+    build_fleurs_folder,
+    corrupt_file,
+    manifest_bytes,
+    manifests,
+    record,
+    tree_snapshot,
+)
 
 from recipes.fleurs.prepare import main, manifest_names, prepare_fleurs
 from speechbrain_meta.errors import SetupError
@@ -40,26 +45,6 @@ def built(fleurs, tmp_path_factory):
         str(fleurs.folder), str(save), LANGUAGES, ["cs_cz"], lang_names="short"
     )
     return {"save": save, "paths": paths, "before": before}
-
-
-def read_rows(path) -> list:
-    with open(path, newline="", encoding="utf-8") as stream:
-        reader = csv.DictReader(stream)
-        assert reader.fieldnames == ["ID", "duration", "wav", "spk_id", "lang", "wrd"]
-        return list(reader)
-
-
-def manifests(folder) -> dict:
-    return {split: read_rows(Path(folder, f"{split}.csv")) for split in SPLITS}
-
-
-def manifest_bytes(folder) -> dict:
-    names = [f"{split}.csv" for split in SPLITS] + ["corpus.json"]
-    return {name: Path(folder, name).read_bytes() for name in names}
-
-
-def record(folder) -> dict:
-    return json.loads(Path(folder, "corpus.json").read_text(encoding="utf-8"))
 
 
 def test_manifests_parse_and_durations(built, fleurs):
