@@ -6,6 +6,7 @@ any attempt to open a network connection.
 """
 
 import copy
+import csv
 import importlib.util
 import os
 import subprocess
@@ -332,3 +333,71 @@ def test_real_size_script_runs_tiny_on_cpu():
     rows = [line.split("|")[1:-1] for line in report.splitlines()[-3:]]
     assert [r[0].strip() for r in rows] == list(module.CONFIGS)
     assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+
+
+PROTOCOL = """
+seed: 1234
+title: SSL on Common Voice (tiny)
+output_folder: {out}/protocol
+data_folder: {out}/cv
+data_preparation:
+    - !name:recipes.common_voice.prepare.prepare_common_voice
+        data_folder: {release}
+        save_folder: {out}/cv
+        locales: [en, fr, sv-SE, cs]
+        target_locales: [cs]
+inits:
+    pretrain: hparams/multitask_ssl_ctc.yaml
+    maml_lora: hparams/maml_lora_ssl_ctc.yaml
+    random: null
+adapted_inits: [maml_lora, random]
+train_overrides:
+    data_folder: {out}/cv
+    skip_prep: True
+    number_of_epochs: 1
+    episodes_per_epoch: 2
+    support_size: 3
+    query_size: 3
+    eval_support_size: 1
+    eval_query_size: 1
+    tasks_per_batch: 2
+    ssl_source: {source}
+    ssl_cache: {out}/ssl_cache
+init_overrides:
+    maml_lora: {{init_from: {out}/protocol/train/pretrain}}
+targets:
+    cs: {{data_folder: {out}/cv, task: cs}}
+budgets: ["4 utterances"]
+budget_unit: minutes
+curve_steps: [0, 2]
+adapt_hparams: hparams/adapt_ssl_ctc.yaml
+adapt_overrides: {{ssl_source: {source}, ssl_cache: {out}/ssl_cache}}
+adapt_hparams_of: {{maml_lora: hparams/adapt_lora_ssl_ctc.yaml}}
+comparisons: [[maml_lora, random]]
+"""
+
+
+def test_the_protocol_on_common_voice_manifests_with_an_ssl_encoder(
+    tiny_ssl, tiny_corpus, no_network, tmp_path
+):
+    """A Common Voice release, an SSL multitask pre-training continued by LoRA
+    MAML, adapted with its own YAML: the whole protocol, offline."""
+    from release_fixtures import build_common_voice_release
+
+    release = build_common_voice_release(tmp_path, tiny_corpus)
+    yaml = tmp_path / "protocol.yaml"
+    yaml.write_text(
+        PROTOCOL.format(
+            out=tmp_path, release=release.folder, source=tiny_ssl["wav2vec2"]
+        )
+    )
+    run_script("evaluate_adaptation.py", yaml, no_network, "--noprogressbar")
+    with open(tmp_path / "protocol" / "adaptation.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["init"], r["step"]) for r in rows} == {
+        (init, step) for init in ("maml_lora", "random") for step in ("0", "2")
+    }
+    adapted = tmp_path / "protocol" / "adapt" / "cs" / "4utt" / "maml_lora"
+    assert "adapter" in "".join(torch.load(adapted / "save/CKPT+adapted/model.ckpt"))
+    assert (adapted / "inference" / "hyperparams.yaml").is_file()
+    assert str(tiny_ssl["wav2vec2"]) in (adapted / "hyperparams.yaml").read_text()
