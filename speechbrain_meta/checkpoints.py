@@ -100,23 +100,35 @@ class RandomState:
         self.restore(torch.load(path, weights_only=False))
 
 
+def _is_truncated(path: str) -> bool:
+    """Whether a file that ``torch.save`` began was cut short by a kill.
+
+    ``torch.save`` writes a zip archive whose directory is at its end: a file
+    cut short is not a zip file any more.
+    """
+    with open(path, "rb") as stream:
+        is_zip_archive = stream.read(4) == b"PK\x03\x04"
+    return is_zip_archive and not zipfile.is_zipfile(path)
+
+
 def _is_complete(folder: str, recoverables: List[str], optional: set) -> bool:
-    """Whether a checkpoint folder has its meta file and every paramfile."""
+    """Whether a checkpoint folder has its meta file and every paramfile whole.
+
+    Every paramfile in the folder is checked, not only those of
+    ``recoverables``: a Brain registers some (the optimizer) only when
+    ``fit`` starts, after this check, and saves them last.
+    """
     if not os.path.isfile(os.path.join(folder, METAFNAME)):
         return False
     for name in recoverables:
         path = os.path.join(folder, name + PARAMFILE_EXT)
-        if not os.path.isfile(path):
-            if name in optional:
-                continue
+        if not os.path.isfile(path) and name not in optional:
             return False
-        # torch.save writes a zip archive whose directory is at its end: a
-        # file cut short by a kill is not a zip file any more.
-        with open(path, "rb") as stream:
-            is_zip_archive = stream.read(4) == b"PK\x03\x04"
-        if is_zip_archive and not zipfile.is_zipfile(path):
-            return False
-    return True
+    return not any(
+        _is_truncated(os.path.join(folder, entry))
+        for entry in os.listdir(folder)
+        if entry.endswith(PARAMFILE_EXT)
+    )
 
 
 def set_aside_incomplete_checkpoints(checkpointer: Checkpointer) -> List[str]:
@@ -145,8 +157,13 @@ def set_aside_incomplete_checkpoints(checkpointer: Checkpointer) -> List[str]:
     >>> good = checkpointer.save_checkpoint(name="good")
     >>> bad = checkpointer.save_checkpoint(name="bad")
     >>> os.remove(bad.paramfiles["net"])
+    >>> cut = checkpointer.save_checkpoint(name="cut")
+    >>> # A file of a recoverable registered later (the optimizer), cut short:
+    >>> torch.save({"state": torch.zeros(1000)}, cut.path / "optimizer.ckpt")
+    >>> data = (cut.path / "optimizer.ckpt").read_bytes()
+    >>> _ = (cut.path / "optimizer.ckpt").write_bytes(data[: len(data) // 2])
     >>> [os.path.basename(p) for p in set_aside_incomplete_checkpoints(checkpointer)]
-    ['CKPT+bad']
+    ['CKPT+bad', 'CKPT+cut']
     >>> [c.path.name for c in checkpointer.list_checkpoints()]
     ['CKPT+good']
     """
