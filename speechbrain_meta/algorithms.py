@@ -161,13 +161,15 @@ class MAML(MetaBrain):
                     create_graph=not self.first_order,
                     keep_trajectory=weights is not None,
                 )
+                body = self.body_pass(task.query, adapted.buffers)
                 if weights is None:
                     loss = self.task_loss(
-                        adapted.parameters, adapted.buffers, task.query
+                        adapted.parameters, adapted.buffers, task.query, body=body
                     )
                 else:
                     loss = sum(
-                        weight * self.task_loss(phi, adapted.buffers, task.query)
+                        weight
+                        * self.task_loss(phi, adapted.buffers, task.query, body=body)
                         for weight, phi in zip(weights, adapted.trajectory)
                         if weight > 0
                     )

@@ -90,12 +90,26 @@ class ASR:
     ``valid_search`` and ``test_search`` beam searchers.
     """
 
+    # The modules of compute_head: an inner loop that adapts only these
+    # (ANIL) computes compute_body once per batch (MetaBrain.body_pass).
+    head_modules = ("ctc_lin", "seq_lin")
+
     def compute_forward(self, batch, stage):
         """Waveforms -> features -> encoder (-> decoder) -> log-probabilities.
 
         CTC models return ``(p_ctc, wav_lens)``; joint models return
         ``(p_ctc, p_seq, wav_lens, hyps)``, ``hyps`` being the beam search
-        hypotheses outside training (None in training).
+        hypotheses outside training (None in training). The pass is
+        :meth:`compute_body` followed by :meth:`compute_head`.
+        """
+        return self.compute_head(self.compute_body(batch, stage), batch, stage)
+
+    def compute_body(self, batch, stage) -> tuple:
+        """Everything before the output layers (``head_modules``).
+
+        ``(encoded, wav_lens)`` for CTC models, ``(encoded, decoded,
+        wav_lens)`` for joint models: the encoder states and the
+        teacher-forced decoder states.
         """
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
@@ -107,14 +121,22 @@ class ASR:
         decoder_type = getattr(self.hparams, "decoder_type", None)
         if decoder_type is None:
             if getattr(self.hparams, "encoder_lengths", False):
-                encoded = self.modules.encoder(feats, wav_lens)
-            else:
-                encoded = self.modules.encoder(feats)
-            logits = self.modules.ctc_lin(encoded)
-            return self.hparams.log_softmax(logits), wav_lens
+                return self.modules.encoder(feats, wav_lens), wav_lens
+            return self.modules.encoder(feats), wav_lens
         encoded, decoded = self.encode_decode(
             decoder_type, feats, batch.tokens_bos.data, wav_lens
         )
+        return encoded, decoded, wav_lens
+
+    def compute_head(self, body: tuple, batch, stage):
+        """The output layers on :meth:`compute_body`'s states.
+
+        Also the beam search of joint models outside training.
+        """
+        if len(body) == 2:
+            encoded, wav_lens = body
+            return self.hparams.log_softmax(self.modules.ctc_lin(encoded)), wav_lens
+        encoded, decoded, wav_lens = body
         p_ctc = self.hparams.log_softmax(self.modules.ctc_lin(encoded))
         p_seq = self.hparams.log_softmax(self.modules.seq_lin(decoded))
         hyps = None

@@ -25,6 +25,11 @@ YAML keys read from ``hparams`` (defaults in brackets):
 * ``inner_params`` [all]: the fast weights, as module names or glob patterns
   over parameter names (:mod:`speechbrain_meta.parameters`); the other
   learnt parameters are meta-parameters only. ANIL: ``[ctc_lin]``.
+* ``reuse_body_pass`` [True]: when every fast weight lies in the recipe's
+  head (``head_modules``, e.g. ANIL), the body (``compute_body``) runs once
+  per support and query batch, not once per inner step
+  (:meth:`MetaBrain.body_pass`); False runs it in every step (a fresh
+  dropout mask and augmentation each time).
 * ``meta_params`` [those that require a gradient]: the parameters the outer
   step learns; the others are frozen.
 * ``learn_inner_lr`` [null]: ``tensor``, ``element`` or ``layer_step`` learns
@@ -172,6 +177,7 @@ class MetaBrain(sb.Brain):
         self.check_hparams()
         self._refuse_activation_checkpointing()
         self.fast_weight_names = self._select_parameters()
+        self.reuses_body_pass = self._reuses_body_pass()
         self.inner_rates = self._make_inner_rates()
         self.nonfinite_count = 0
         self.skipped_utterances: Dict[str, str] = {}
@@ -275,6 +281,25 @@ class MetaBrain(sb.Brain):
             )
         return fast
 
+    def _reuses_body_pass(self) -> bool:
+        """Whether inner loops compute the recipe's body once per batch.
+
+        True when the recipe splits its forward pass (``compute_forward`` is
+        ``compute_head`` after ``compute_body``, in the class that defines
+        them, and ``head_modules`` names the head's modules), every fast
+        weight lies in a head module (ANIL) and ``reuse_body_pass`` is not
+        False.
+        """
+        head = getattr(self, "head_modules", ())
+        if not head or not self._hparam("reuse_body_pass", True):
+            return False
+        owner = next((c for c in type(self).__mro__ if "compute_body" in vars(c)), None)
+        if owner is None or "compute_head" not in vars(owner):
+            return False
+        if type(self).compute_forward is not vars(owner).get("compute_forward"):
+            return False  # a subclass changed the forward pass: no split
+        return all(name.split(".")[0] in head for name in self.fast_weight_names)
+
     def _make_inner_rates(self) -> Optional[InnerRates]:
         """The learnt inner rates of ``learn_inner_lr``, or None."""
         mode = self._hparam("learn_inner_lr", None)
@@ -364,6 +389,7 @@ class MetaBrain(sb.Brain):
         buffers: Tensors,
         batch,
         stage: sb.Stage = sb.Stage.TRAIN,
+        body: Optional[tuple] = None,
     ) -> torch.Tensor:
         """The recipe's loss on ``batch`` computed with the given tensors.
 
@@ -378,6 +404,9 @@ class MetaBrain(sb.Brain):
             The batch given to ``compute_forward``.
         stage : speechbrain.Stage
             The stage given to the recipe's methods.
+        body : tuple, optional
+            The recipe's body states on ``batch`` (:meth:`body_pass`): only
+            its head runs.
 
         Returns
         -------
@@ -386,7 +415,41 @@ class MetaBrain(sb.Brain):
         """
         context = self.training_ctx if stage == sb.Stage.TRAIN else self.evaluation_ctx
         with context:
-            return self.objective().call({**parameters, **buffers}, batch, stage)
+            return self.objective().call({**parameters, **buffers}, batch, stage, body)
+
+    def body_pass(
+        self, batch, buffers: Tensors, with_grad: bool = True
+    ) -> Optional[tuple]:
+        """The recipe's ``compute_body`` on a training batch, to be reused.
+
+        When the inner loop adapts only the head (:attr:`reuses_body_pass`),
+        the body's states do not change from one inner step to the next: they
+        are computed once per batch, with the meta-parameters' graph
+        (``with_grad``, as the second-order meta-gradient needs) or without
+        it (first order: no gradient of the support loss reaches the body),
+        and every inner step, and every query loss of the multi-step loss,
+        runs the head only. One dropout mask and augmentation per batch, not
+        per step. None when the body is not reused.
+
+        Arguments
+        ---------
+        batch : PaddedBatch
+            A support or query batch.
+        buffers : dict
+            The buffers to run with (updated in place, as in any step).
+        with_grad : bool
+            Whether to record the graph of the pass.
+
+        Returns
+        -------
+        tuple or None
+            The body's states, or None.
+        """
+        if not self.reuses_body_pass:
+            return None
+        grad = torch.is_grad_enabled() and with_grad
+        with self.training_ctx, torch.set_grad_enabled(grad):
+            return self.objective().call_body(buffers, batch, sb.Stage.TRAIN)
 
     def inner_loop(
         self,
@@ -441,10 +504,12 @@ class MetaBrain(sb.Brain):
         if parameters is None:
             theta = self.meta_parameters()
             parameters = {name: theta[name] for name in self.fast_weight_names}
+        buffers = self.copy_buffers()
+        body = self.body_pass(batch, buffers, with_grad=create_graph)
         return sgd_steps(
-            lambda weights, buffers: self.task_loss(weights, buffers, batch),
+            lambda weights, buffers: self.task_loss(weights, buffers, batch, body=body),
             parameters,
-            self.copy_buffers(),
+            buffers,
             steps,
             lr,
             create_graph,

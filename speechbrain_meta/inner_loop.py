@@ -258,12 +258,25 @@ class BrainObjective(torch.nn.Module):
         # A plain attribute, not a submodule: the Brain is no nn.Module.
         self.__dict__["brain"] = brain
 
-    def forward(self, batch, stage) -> torch.Tensor:
-        """Run the recipe's forward pass and objectives on ``batch``."""
-        predictions = self.brain.compute_forward(batch, stage)
-        return self.brain.compute_objectives(predictions, batch, stage)
+    def forward(self, batch, stage, body=None, body_only: bool = False):
+        """Run the recipe's forward pass and objectives on ``batch``.
 
-    def call(self, tensors: Dict[str, torch.Tensor], batch, stage) -> torch.Tensor:
+        With ``body`` (states returned by the Brain's ``compute_body``), only
+        its ``compute_head`` runs before the objectives; with ``body_only``,
+        ``compute_body``'s states are returned instead of the loss.
+        """
+        brain = self.brain
+        if body_only:
+            return brain.compute_body(batch, stage)
+        if body is None:
+            predictions = brain.compute_forward(batch, stage)
+        else:
+            predictions = brain.compute_head(body, batch, stage)
+        return brain.compute_objectives(predictions, batch, stage)
+
+    def call(
+        self, tensors: Dict[str, torch.Tensor], batch, stage, body=None
+    ) -> torch.Tensor:
         """Compute the objective with ``tensors`` in place of the modules' own.
 
         Arguments
@@ -275,6 +288,8 @@ class BrainObjective(torch.nn.Module):
             The batch passed to ``compute_forward``.
         stage : speechbrain.Stage
             The stage passed to the recipe's methods.
+        body : tuple, optional
+            The states of :meth:`call_body` on ``batch``: only the head runs.
 
         Returns
         -------
@@ -282,7 +297,16 @@ class BrainObjective(torch.nn.Module):
             The loss returned by ``compute_objectives``.
         """
         with fast_weight_context():
-            return functional_call(self, tensors, (batch, stage), strict=False)
+            return functional_call(
+                self, tensors, (batch, stage), {"body": body}, strict=False
+            )
+
+    def call_body(self, tensors: Dict[str, torch.Tensor], batch, stage) -> tuple:
+        """``compute_body``'s states on ``batch``, ``tensors`` as in :meth:`call`."""
+        with fast_weight_context():
+            return functional_call(
+                self, tensors, (batch, stage), {"body_only": True}, strict=False
+            )
 
 
 class NonFiniteError(ArithmeticError):

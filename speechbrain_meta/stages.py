@@ -189,7 +189,7 @@ def _plain(node):
 # Keys added to the YAMLs after stages were recorded, with the value that
 # leaves a run as it was: at that value they are left out of the digest, so
 # that adding them keeps finished stages finished.
-NEUTRAL_DEFAULTS = {"train_time_budget_minutes": None}
+NEUTRAL_DEFAULTS = {"train_time_budget_minutes": None, "reuse_body_pass": True}
 
 
 def hparams_digest(hparams_file: str, overrides=None) -> str:
