@@ -80,6 +80,7 @@ from speechbrain_meta.inner_loop import (
     Rate,
     Tensors,
     all_finite,
+    recomputed_pass,
     sgd_steps,
 )
 from speechbrain_meta.inner_rates import InnerRates
@@ -418,7 +419,11 @@ class MetaBrain(sb.Brain):
             return self.objective().call({**parameters, **buffers}, batch, stage, body)
 
     def body_pass(
-        self, batch, buffers: Tensors, with_grad: bool = True
+        self,
+        batch,
+        buffers: Tensors,
+        with_grad: bool = True,
+        recompute: bool = False,
     ) -> Optional[tuple]:
         """The recipe's ``compute_body`` on a training batch, to be reused.
 
@@ -436,9 +441,13 @@ class MetaBrain(sb.Brain):
         batch : PaddedBatch
             A support or query batch.
         buffers : dict
-            The buffers to run with (updated in place, as in any step).
+            The buffers to run with (updated, as in any step).
         with_grad : bool
             Whether to record the graph of the pass.
+        recompute : bool
+            With ``with_grad``: keep none of the pass's activations, recompute
+            them when a later loss is differentiated
+            (:func:`~speechbrain_meta.inner_loop.recomputed_pass`).
 
         Returns
         -------
@@ -447,9 +456,17 @@ class MetaBrain(sb.Brain):
         """
         if not self.reuses_body_pass:
             return None
+
+        def body(tensors: Tensors) -> tuple:
+            return self.objective().call_body(tensors, batch, sb.Stage.TRAIN)
+
         grad = torch.is_grad_enabled() and with_grad
         with self.training_ctx, torch.set_grad_enabled(grad):
-            return self.objective().call_body(buffers, batch, sb.Stage.TRAIN)
+            if not (grad and recompute):
+                return body(buffers)
+            states, updated = recomputed_pass(body, buffers)
+        buffers.update(updated)
+        return states
 
     def inner_loop(
         self,
@@ -472,7 +489,8 @@ class MetaBrain(sb.Brain):
         modules' parameters and buffers are untouched. With YAML
         ``checkpoint_inner_steps: True``, second-order steps keep no
         activations: each is recomputed in the backward pass (gradient
-        checkpointing; the same meta-gradient, less memory, more time).
+        checkpointing; the same meta-gradient, less memory, more time), as is
+        the body pass that ANIL's steps share (:meth:`body_pass`).
 
         Arguments
         ---------
@@ -505,7 +523,8 @@ class MetaBrain(sb.Brain):
             theta = self.meta_parameters()
             parameters = {name: theta[name] for name in self.fast_weight_names}
         buffers = self.copy_buffers()
-        body = self.body_pass(batch, buffers, with_grad=create_graph)
+        recompute = bool(self._hparam("checkpoint_inner_steps", False))
+        body = self.body_pass(batch, buffers, create_graph, recompute)
         return sgd_steps(
             lambda weights, buffers: self.task_loss(weights, buffers, batch, body=body),
             parameters,
@@ -514,7 +533,7 @@ class MetaBrain(sb.Brain):
             lr,
             create_graph,
             keep_trajectory,
-            checkpoint_steps=bool(self._hparam("checkpoint_inner_steps", False)),
+            checkpoint_steps=recompute,
         )
 
     # ------------------------------------------------------------- training

@@ -408,6 +408,53 @@ def _checkpointed_sgd_step(
     return value, new_weights, dict(zip(buffer_names, outputs[len(names) :]))
 
 
+def recomputed_pass(
+    function: Callable[[Tensors], Union[torch.Tensor, Tuple[torch.Tensor, ...]]],
+    buffers: Tensors,
+) -> Tuple[Union[torch.Tensor, Tuple[torch.Tensor, ...]], Tensors]:
+    """``function(buffers)`` with its activations recomputed in the backward pass.
+
+    As :func:`_checkpointed_sgd_step` does for a step: ``torch.utils.checkpoint``
+    (non-reentrant, the random state replayed), ``function`` run on clones of
+    ``buffers`` both times. For a pass that a later loss differentiates
+    through but that need not keep its activations until then (the support
+    batch's body pass of a second-order ANIL step).
+
+    Arguments
+    ---------
+    function : callable
+        ``function(buffers)``: a tensor or a tuple of tensors; may update
+        ``buffers``.
+    buffers : dict
+        Buffers by name (left as they are).
+
+    Returns
+    -------
+    tuple
+        ``function``'s output, and the buffers it updated (clones).
+
+    Example
+    -------
+    >>> w = torch.tensor(2.0, requires_grad=True)
+    >>> y, _ = recomputed_pass(lambda buffers: torch.sin(w) * w, {})
+    >>> torch.autograd.grad(y, w)[0].item() == (torch.cos(w) * w + torch.sin(w)).item()
+    True
+    """
+    originals = dict(buffers)
+    single = []
+
+    def run() -> Tuple[torch.Tensor, ...]:
+        fresh = {name: b.clone() for name, b in originals.items()}
+        outputs = function(fresh)
+        single[:] = [isinstance(outputs, torch.Tensor)]
+        return (*((outputs,) if single[0] else outputs), *fresh.values())
+
+    outputs = checkpoint(run, use_reentrant=False, preserve_rng_state=True)
+    count = len(outputs) - len(originals)
+    states = outputs[0] if single[0] else tuple(outputs[:count])
+    return states, dict(zip(originals, outputs[count:]))
+
+
 def sgd_steps(
     loss: Callable[[Tensors, Tensors], torch.Tensor],
     parameters: Tensors,

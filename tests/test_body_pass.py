@@ -100,6 +100,7 @@ def test_the_reused_body_gives_the_anil_meta_gradient(steps):
     [
         (MAML, {}),
         (MAML, {"checkpoint_inner_steps": True}),
+        (MAML, {"checkpoint_inner_steps": True, "msl_steps": 10}),
         (MAML, {"msl_steps": 10}),
         (MAML, {"learn_inner_lr": "layer_step"}),
         (FOMAML, {}),
@@ -180,13 +181,19 @@ def recipe_gradient(brain):
     return {n: p.grad.clone() for n, p in brain.modules.named_parameters()}
 
 
-@pytest.mark.parametrize("model", ["ctc", "transformer"])
+@pytest.mark.parametrize("model", ["ctc", "ctc recomputed", "transformer"])
 def test_anil_on_the_recipes_models_gives_the_same_meta_gradient(model, tmp_path):
-    """The ASR recipe's body/head split (CTC and joint models), second order."""
+    """The ASR recipe's body/head split (CTC and joint models), second order;
+    with checkpoint_inner_steps the body pass is recomputed too."""
 
     def brain(reuse):
-        if model == "ctc":
-            return anil_ctc_brain(tmp_path, inner_steps=2, reuse_body_pass=reuse)
+        if model.startswith("ctc"):
+            return anil_ctc_brain(
+                tmp_path,
+                inner_steps=2,
+                reuse_body_pass=reuse,
+                checkpoint_inner_steps=model == "ctc recomputed" and reuse,
+            )
         return float64_brain(
             tmp_path, "transformer", inner_params=["ctc_lin", "seq_lin"],
             inner_steps=2, reuse_body_pass=reuse,
