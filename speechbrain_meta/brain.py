@@ -65,6 +65,7 @@ import torch
 import torch.distributed as dist
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.utils.distributed import run_on_main
+from torch.nn.modules.batchnorm import _NormBase
 
 from speechbrain_meta.checkpoints import (
     RandomState,
@@ -381,8 +382,37 @@ class MetaBrain(sb.Brain):
         }
 
     def copy_buffers(self) -> Tensors:
-        """Clones of the modules' buffers, for an inner loop to update."""
-        return {n: b.clone() for n, b in self.objective().named_buffers()}
+        """Clones of the modules' running statistics, for an inner loop to update.
+
+        Only torch's normalisation layers that track running statistics
+        (BatchNorm, InstanceNorm) update buffers while training; the other
+        buffers (positional encodings, initial states) are constants, left to
+        the modules (no copy per task, nothing to average after the
+        meta-step). :meth:`fit_batch` checks that no task changed them.
+        """
+        return {
+            name: buffer.clone()
+            for name, buffer in self.objective().named_buffers()
+            if name in self._statistics_names()
+        }
+
+    def _statistics_names(self) -> frozenset:
+        """Names of the buffers of normalisation layers with running statistics."""
+        return frozenset(
+            f"{prefix}.{name}" if prefix else name
+            for prefix, module in self.objective().named_modules()
+            if isinstance(module, _NormBase) and module.track_running_stats
+            for name, _ in module.named_buffers(recurse=False)
+        )
+
+    def _constant_buffer_versions(self) -> Dict[str, int]:
+        """In-place version counters of the buffers :meth:`copy_buffers` leaves."""
+        statistics = self._statistics_names()
+        return {
+            name: buffer._version
+            for name, buffer in self.objective().named_buffers()
+            if name not in statistics
+        }
 
     def task_loss(
         self,
@@ -640,11 +670,21 @@ class MetaBrain(sb.Brain):
         self.on_fit_batch_start(batch, True)
         self.note_skipped_utterances(batch.skipped)
         losses, task_buffers = [], []
+        constants = self._constant_buffer_versions()
         for task in batch.tasks:
             outcome = self._finite_task_step(task)
             if outcome is not None:
                 losses.append(outcome[0])
                 task_buffers.append(outcome[1])
+        changed = [
+            n for n, v in self._constant_buffer_versions().items() if v != constants[n]
+        ]
+        if changed:
+            raise RuntimeError(
+                f"The episode's tasks changed the modules' buffers {changed} in "
+                "place: only the running statistics of torch's normalisation "
+                "layers are copied for inner loops (MetaBrain.copy_buffers)."
+            )
         tasks_done = self._all_reduce_gradients(len(losses))
         if tasks_done > 0:
             for p in self.learnt_tensors():

@@ -65,7 +65,8 @@ torch.Size([20, 2, 5])
 
 import contextlib
 import math
-from typing import Iterator, NamedTuple, Sequence, Tuple, Union
+import warnings
+from typing import Callable, Iterator, NamedTuple, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -220,17 +221,41 @@ def _layout(values: torch.Tensor, plan: _Plan, fill: float) -> torch.Tensor:
     return flat.flatten(1)
 
 
-def _recursion(flat_emissions: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """Log-space alphas ``(T, N)`` of every row, without autograd.
+def _compiled(function: Callable) -> Callable:
+    """``function`` compiled by TorchScript once, on first use.
 
-    ``alpha[t, s] = logsumexp(alpha[t-1, s], alpha[t-1, s-1],
-    alpha[t-1, s-2] + skip[s]) + emission[t, s]``, written into one buffer
-    through views made once, four in-place kernels per time step.
+    A compiled time loop runs its few kernels per step without returning to
+    Python: 2 to 3 times faster on a CPU, the same results. Where TorchScript
+    cannot compile it (it is deprecated in favour of ``torch.compile``, which
+    unrolls a loop over time and recompiles for every length), ``function``
+    runs as it is.
     """
+    compiled = []
+
+    def call(*tensors: torch.Tensor) -> torch.Tensor:
+        if not compiled:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    compiled.append(torch.jit.script(function))
+            except Exception:  # noqa: BLE001 - any failure: run it in Python
+                compiled.append(function)
+        return compiled[0](*tensors)
+
+    call.python = function
+    return call
+
+
+def _alpha_loop(
+    flat_emissions: torch.Tensor, skip: torch.Tensor, start: torch.Tensor
+) -> torch.Tensor:
+    """The loop of :func:`_recursion` (tensors only, for TorchScript)."""
     frames = flat_emissions.shape[0]
     alpha = torch.empty_like(flat_emissions)
-    alpha[:, :2] = _NEG
-    alpha[0] = flat_emissions[0] + plan.start
+    # _NEG, from start's first entry (row 0's padding) in the emissions'
+    # dtype: TorchScript would round the literal through float32.
+    alpha[:, :2] = start[0]
+    alpha[0] = flat_emissions[0] + start
     current = alpha[:, 2:].unbind(0)
     previous_1 = alpha[:, 1:-1].unbind(0)
     previous_2 = alpha[:, :-2].unbind(0)
@@ -238,11 +263,25 @@ def _recursion(flat_emissions: torch.Tensor, plan: _Plan) -> torch.Tensor:
     skipped = torch.empty_like(current[0])
     for t in range(1, frames):
         out = current[t]
-        torch.add(previous_2[t - 1], plan.skip, out=skipped)
+        torch.add(previous_2[t - 1], skip, out=skipped)
         torch.logaddexp(current[t - 1], previous_1[t - 1], out=out)
         torch.logaddexp(out, skipped, out=out)
         out.add_(emissions[t])
     return alpha
+
+
+_alpha_recursion = _compiled(_alpha_loop)
+
+
+def _recursion(flat_emissions: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """Log-space alphas ``(T, N)`` of every row, without autograd.
+
+    ``alpha[t, s] = logsumexp(alpha[t-1, s], alpha[t-1, s-1],
+    alpha[t-1, s-2] + skip[s]) + emission[t, s]``, written into one buffer
+    through views made once, four in-place kernels per time step, the loop
+    compiled (:func:`_compiled`).
+    """
+    return _alpha_recursion(flat_emissions, plan.skip, plan.start)
 
 
 def _log_likelihood(alpha: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -312,17 +351,46 @@ def _transition_weights(alpha: torch.Tensor, plan: _Plan) -> torch.Tensor:
 
     ``w[k, t - 1, s] = P(state s - 2 + k at t - 1 | state s at t, frames up to
     t)``, the softmax over ``k`` of ``alpha[t-1, s-2+k]`` (plus ``skip`` for
-    ``k = 0``), zero where ``s`` is impossible at ``t``. Normalised over the
-    three predecessors, rather than with ``alpha[t, s] - emission[t, s]``,
-    they sum to one up to a rounding of their own size: in float32, the
-    rounding of alphas in the thousands would otherwise build up along the
-    recursions of the Hessian-vector product.
+    ``k = 0``). Normalised over the three predecessors, rather than with
+    ``alpha[t, s] - emission[t, s]``, they sum to one up to a rounding of
+    their own size: in float32, the rounding of alphas in the thousands would
+    otherwise build up along the recursions of the Hessian-vector product.
+    Where ``s`` is impossible at ``t`` they are arbitrary (a third each when
+    all three predecessors are impossible): what the recursion carries there
+    only reaches impossible states, whose posteriors are zero.
     """
     columns = alpha.shape[1]
-    log_weights = torch.stack([alpha[:-1, k : columns - 2 + k] for k in range(3)])
-    log_weights[0] += plan.skip
-    weights = log_weights.softmax(0).masked_fill_(alpha[1:, 2:] <= _NEG / 2, 0.0)
+    weights = alpha.new_empty(3, alpha.shape[0] - 1, columns - 2)
+    torch.add(alpha[:-1, :-2], plan.skip, out=weights[0])
+    weights[1] = alpha[:-1, 1:-1]
+    weights[2] = alpha[:-1, 2:]
+    weights -= torch.maximum(torch.maximum(weights[0], weights[1]), weights[2])
+    weights = _exp(weights)
+    weights /= weights.sum(0)
     return F.threshold_(weights, torch.finfo(weights.dtype).tiny, 0.0)
+
+
+def _prefix_sum_loop(weights: torch.Tensor, flat_values: torch.Tensor) -> torch.Tensor:
+    """The loop of :func:`_expected_prefix_sums` (tensors only, for TorchScript)."""
+    sums = torch.zeros_like(flat_values)
+    before = torch.empty_like(flat_values[0])
+    previous_2, previous_1, previous_0 = before[:-2], before[1:-1], before[2:]
+    rows, values = sums.unbind(0), flat_values.unbind(0)
+    current = sums[:, 2:].unbind(0)
+    from_2, from_1, from_0 = (
+        weights[0].unbind(0),
+        weights[1].unbind(0),
+        weights[2].unbind(0),
+    )
+    for t in range(1, flat_values.shape[0]):
+        out = current[t]
+        torch.add(rows[t - 1], values[t - 1], out=before)
+        torch.mul(from_2[t - 1], previous_2, out=out)
+        out.addcmul_(from_1[t - 1], previous_1).addcmul_(from_0[t - 1], previous_0)
+    return sums
+
+
+_prefix_sums = _compiled(_prefix_sum_loop)
 
 
 def _expected_prefix_sums(
@@ -333,17 +401,7 @@ def _expected_prefix_sums(
     The recursion ``f[t, s] = sum_k w[k, t-1, s] (f + values)[t-1, s-2+k]``,
     linear, written in place like :func:`_recursion`.
     """
-    sums = torch.zeros_like(flat_values)
-    before = torch.empty_like(flat_values[0])
-    previous = (before[:-2], before[1:-1], before[2:])
-    rows, values, current = sums.unbind(0), flat_values.unbind(0), sums[:, 2:].unbind(0)
-    steps = zip(*(plane.unbind(0) for plane in weights))
-    for t, (from_2, from_1, from_0) in enumerate(steps, start=1):
-        out = current[t]
-        torch.add(rows[t - 1], values[t - 1], out=before)
-        torch.mul(from_2, previous[0], out=out)
-        out.addcmul_(from_1, previous[1]).addcmul_(from_0, previous[2])
-    return sums
+    return _prefix_sums(weights, flat_values)
 
 
 class _Posterior(torch.autograd.Function):

@@ -542,3 +542,50 @@ def test_invalid_arguments_are_rejected():
         ctc_loss_differentiable(log_probs, targets, input_lengths + 1, target_lengths)
     with pytest.raises(ValueError, match="target_lengths"):
         ctc_loss_differentiable(log_probs, targets, input_lengths, target_lengths + 1)
+
+
+def test_compiled_time_loops_equal_the_python_loops():
+    """The TorchScript-compiled recursions compute exactly what the Python
+    loops do (float32 and float64)."""
+    from speechbrain_meta import ctc
+
+    generator = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float64):
+        emissions = torch.randn(30, 14, generator=generator, dtype=dtype)
+        skip = torch.randn(12, generator=generator, dtype=dtype)
+        start = torch.randn(14, generator=generator, dtype=dtype)
+        weights = torch.rand(3, 29, 12, generator=generator, dtype=dtype)
+        for compiled, inputs in (
+            (ctc._alpha_recursion, (emissions, skip, start)),
+            (ctc._prefix_sums, (weights, emissions)),
+        ):
+            assert torch.equal(compiled(*inputs), compiled.python(*inputs))
+
+
+def test_the_loops_run_in_python_where_torchscript_fails(monkeypatch):
+    from speechbrain_meta import ctc
+
+    def second_order():
+        logits, targets, input_lengths, target_lengths = make_batch()
+        log_probs = logits.log_softmax(-1).detach().requires_grad_()
+        loss = ctc_loss_differentiable(
+            log_probs, targets, input_lengths, target_lengths
+        )
+        (grad,) = torch.autograd.grad(loss, log_probs, create_graph=True)
+        (hvp,) = torch.autograd.grad(grad.sum(), log_probs)
+        return loss, grad, hvp
+
+    compiled = second_order()
+    scripted = []
+
+    def unavailable(function):
+        scripted.append(function)
+        raise RuntimeError("no TorchScript here")
+
+    monkeypatch.setattr(torch.jit, "script", unavailable)
+    monkeypatch.setattr(ctc, "_alpha_recursion", ctc._compiled(ctc._alpha_loop))
+    monkeypatch.setattr(ctc, "_prefix_sums", ctc._compiled(ctc._prefix_sum_loop))
+    in_python = second_order()
+    assert scripted == [ctc._alpha_loop, ctc._prefix_sum_loop]  # tried, once each
+    for value, expected in zip(in_python, compiled):
+        torch.testing.assert_close(value, expected, rtol=0, atol=0)

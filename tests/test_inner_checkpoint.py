@@ -7,9 +7,15 @@ from pathlib import Path
 import pytest
 import speechbrain as sb
 import torch
-from test_algorithms import TinyCTC, ctc_task, make_brain, speech_like_net
+from test_algorithms import (
+    TinyCTC,
+    ctc_task,
+    make_brain,
+    regression_task,
+    speech_like_net,
+)
 
-from speechbrain_meta import MAML, Task
+from speechbrain_meta import MAML, MetaBatch, Task
 from speechbrain_meta.inner_loop import sgd_steps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -112,3 +118,41 @@ def test_checkpointed_steps_keep_less_memory():
         return peak_memory(lambda: brain.task_step(task), "cpu")
 
     assert peak(True) < 0.7 * peak(False)
+
+
+class Shift(torch.nn.Module):
+    """A constant buffer (as a positional encoding is), optionally changed in place."""
+
+    def __init__(self, in_place):
+        super().__init__()
+        self.register_buffer("offset", torch.zeros(3, dtype=torch.float64))
+        self.in_place = in_place
+
+    def forward(self, x):
+        if self.in_place and self.training:
+            self.offset += 1.0
+        return x + self.offset
+
+
+def buffer_brain(in_place):
+    net = torch.nn.Sequential(Shift(in_place), torch.nn.Linear(3, 2))
+    net.append(torch.nn.BatchNorm1d(2))
+    return make_brain(MAML, net=net, inner_steps=2)
+
+
+def test_only_running_statistics_are_copied_and_averaged():
+    brain = buffer_brain(in_place=False)
+    offset = brain.modules.net[0].offset
+    assert set(brain.copy_buffers()) == {
+        "net.2.running_mean", "net.2.running_var", "net.2.num_batches_tracked",
+    }  # fmt: skip
+    mean = brain.modules.net[2].running_mean.clone()
+    brain.fit_batch(MetaBatch([regression_task(1), regression_task(2)]))
+    assert brain.modules.net[0].offset is offset and not offset.any()
+    assert not torch.equal(brain.modules.net[2].running_mean, mean)
+
+
+def test_a_constant_buffer_changed_in_place_stops_training():
+    brain = buffer_brain(in_place=True)
+    with pytest.raises(RuntimeError, match=r"buffers \['net.0.offset'\] in place"):
+        brain.fit_batch(MetaBatch([regression_task(1)]))
