@@ -671,8 +671,9 @@ class MetaBrain(sb.Brain):
         self.note_skipped_utterances(batch.skipped)
         losses, task_buffers = [], []
         constants = self._constant_buffer_versions()
+        finished: List[Tuple[object, dict]] = []
         for task in batch.tasks:
-            outcome = self._finite_task_step(task)
+            outcome = self._finite_task_step(task, finished)
             if outcome is not None:
                 losses.append(outcome[0])
                 task_buffers.append(outcome[1])
@@ -724,32 +725,51 @@ class MetaBrain(sb.Brain):
         """
         return super()._optimizer_step_limit_exceeded or self.training_clock.spent
 
-    def _finite_task_step(self, task) -> Optional[Tuple[torch.Tensor, Tensors]]:
+    def _finite_task_step(
+        self, task, finished: List[Tuple[object, dict]]
+    ) -> Optional[Tuple[torch.Tensor, Tensors]]:
         """:meth:`task_step`, undone and counted if anything it made is not finite.
 
-        The gradients already accumulated by the episode's earlier tasks are
-        set aside while the task runs, so that what it adds can be checked on
-        its own and dropped.
+        The task adds its gradient to the earlier tasks' in place, as plain
+        training accumulates: one gradient per parameter in memory. When the
+        sum is then not finite (or a task fails after adding to it), the task
+        is skipped and the earlier tasks' sum is rebuilt by running them
+        again from their random states (``finished``: the episode's tasks so
+        far with the states they started from; the same gradients, rarely
+        needed); the random state then goes on from where the skipped task
+        left it.
         """
         parameters = self.learnt_tensors()
-        earlier = [p.grad for p in parameters]
-        for p in parameters:
-            p.grad = None
+        before = RandomState.state()
+        seen = _gradient_marks(parameters)
         try:
             outcome = self.task_step(task)
             if outcome is not None and not all_finite(p.grad for p in parameters):
                 raise NonFiniteError("meta-gradient")
         except NonFiniteError as error:
             self.skip_task(task.name, str(error))
-            outcome = None
-        for p, before in zip(parameters, earlier):
-            added = p.grad if outcome is not None else None
-            p.grad = (
-                before
-                if added is None
-                else (added if before is None else before + added)
-            )
+            if _gradient_marks(parameters) != seen:
+                self._rebuild_gradients(parameters, finished)
+            return None
+        if outcome is not None:
+            finished.append((task, before))
         return outcome
+
+    def _rebuild_gradients(self, parameters: List[torch.Tensor], finished) -> None:
+        """The gradients of the ``finished`` tasks alone, run again."""
+        after = RandomState.state()
+        for p in parameters:
+            p.grad = None
+        for task, state in finished:
+            RandomState.restore(state)
+            if self.task_step(task) is None or not all_finite(
+                p.grad for p in parameters
+            ):
+                raise RuntimeError(
+                    f"Task '{task.name}' was finite but not when run again "
+                    "to leave out a skipped task: its step is not reproducible."
+                )
+        RandomState.restore(after)
 
     def skip_task(self, task: str, reason: str) -> None:
         """Count a training task left out because ``reason`` was not finite.
@@ -1064,6 +1084,15 @@ _LOADER_KWARGS = {
     sb.Stage.VALID: "valid_loader_kwargs",
     sb.Stage.TEST: "test_loader_kwargs",
 }
+
+
+def _gradient_marks(parameters: List[torch.Tensor]) -> List[Tuple[int, int]]:
+    """Which gradient tensor each parameter holds, and its in-place version.
+
+    A gradient replaced rather than added to in place is made while the one
+    it replaces still exists, so their identities differ.
+    """
+    return [(id(p.grad), -1 if p.grad is None else p.grad._version) for p in parameters]
 
 
 def _check_episode(batch, stage: sb.Stage) -> None:

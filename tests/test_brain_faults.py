@@ -354,3 +354,28 @@ def test_an_incomplete_checkpoint_is_set_aside_and_the_last_complete_resumed(
     assert good.path.name in names and broken.path.name not in names
     for name, value in expected.items():
         assert torch.equal(resumed.modules.state_dict()[name], value)
+
+
+class DropoutSqrt(SqrtObjective):
+    """SqrtObjective with dropout on the inputs: the random state matters."""
+
+    def compute_forward(self, batch, stage):
+        inputs = torch.nn.functional.dropout(batch[0], 0.5, training=True)
+        return self.modules.net(inputs)
+
+
+@pytest.mark.parametrize("recipe", [SqrtObjective, DropoutSqrt])
+def test_a_skipped_task_after_finite_ones_leaves_exactly_their_gradient(recipe):
+    """The gradients accumulate in place; leaving a task out rebuilds the
+    earlier tasks' sum from their random states, to the bit."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2, bias=False))
+    tasks = [regression_task(5), regression_task(6)]
+    brain = make_brain(MAML, recipe, net=copy.deepcopy(net))
+    reference = make_brain(MAML, recipe, net=copy.deepcopy(net))
+    torch.manual_seed(3)
+    brain.fit_batch(MetaBatch([*tasks, zero_task()]))
+    torch.manual_seed(3)
+    reference.fit_batch(MetaBatch(tasks))
+    assert brain.nonfinite_count == 1 and reference.nonfinite_count == 0
+    for p, q in zip(brain.modules.parameters(), reference.modules.parameters()):
+        assert torch.equal(p, q)
