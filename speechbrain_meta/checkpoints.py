@@ -104,11 +104,28 @@ def _is_truncated(path: str) -> bool:
     """Whether a file that ``torch.save`` began was cut short by a kill.
 
     ``torch.save`` writes a zip archive whose directory is at its end: a file
-    cut short is not a zip file any more.
+    cut short is not a zip file any more. A kill right after the file was
+    opened leaves it empty, or shorter than the zip header: cut short too.
+
+    Example
+    -------
+    >>> folder = getfixture("tmp_path")
+    >>> torch.save({"x": torch.ones(2)}, folder / "whole.ckpt")
+    >>> (folder / "empty.ckpt").write_bytes(b"")
+    0
+    >>> (folder / "cut.ckpt").write_bytes((folder / "whole.ckpt").read_bytes()[:50])
+    50
+    >>> (folder / "text.ckpt").write_text("12")
+    2
+    >>> [_is_truncated(folder / f"{n}.ckpt") for n in ("whole", "empty", "cut", "text")]
+    [False, True, True, False]
     """
+    header = b"PK\x03\x04"
     with open(path, "rb") as stream:
-        is_zip_archive = stream.read(4) == b"PK\x03\x04"
-    return is_zip_archive and not zipfile.is_zipfile(path)
+        start = stream.read(len(header))
+    if len(start) < len(header):
+        return header.startswith(start)
+    return start == header and not zipfile.is_zipfile(path)
 
 
 def _is_complete(folder: str, recoverables: List[str], optional: set) -> bool:
