@@ -1039,7 +1039,11 @@ class MetaBrain(sb.Brain):
 
     def _set_aside_incomplete_checkpoints(self) -> None:
         if self.checkpointer is not None:
-            run_on_main(set_aside_incomplete_checkpoints, args=[self.checkpointer])
+            # The optimizer is registered by super().on_fit_start(), after this.
+            expected = ["optimizer"] if self.opt_class is not None else []
+            run_on_main(
+                set_aside_incomplete_checkpoints, args=[self.checkpointer, expected]
+            )
 
     # ---------------------------------------------------------------- data
     def make_dataloader(

@@ -28,7 +28,7 @@ import os
 import random
 import shutil
 import zipfile
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -148,18 +148,24 @@ def _is_complete(folder: str, recoverables: List[str], optional: set) -> bool:
     )
 
 
-def set_aside_incomplete_checkpoints(checkpointer: Checkpointer) -> List[str]:
+def set_aside_incomplete_checkpoints(
+    checkpointer: Checkpointer, expected: Sequence[str] = ()
+) -> List[str]:
     """Move the checkpoints a killed save left incomplete out of the way.
 
     A checkpoint is incomplete when its meta file or the file of one of the
-    checkpointer's (non-optional) recoverables is missing, or when a file
-    written by ``torch.save`` is truncated. Such folders are moved, never
-    deleted, to ``<checkpoints_dir>/incomplete/``.
+    checkpointer's (non-optional) recoverables, or of ``expected``, is
+    missing, or when a file written by ``torch.save`` is truncated. Such
+    folders are moved, never deleted, to ``<checkpoints_dir>/incomplete/``.
 
     Arguments
     ---------
     checkpointer : speechbrain.utils.checkpoints.Checkpointer
         The run's checkpointer.
+    expected : sequence of str
+        Recoverables not registered yet that every checkpoint holds (a
+        Brain registers its optimizer when ``fit`` starts, after this check,
+        and a kill during a save can leave a checkpoint without its file).
 
     Returns
     -------
@@ -179,8 +185,12 @@ def set_aside_incomplete_checkpoints(checkpointer: Checkpointer) -> List[str]:
     >>> torch.save({"state": torch.zeros(1000)}, cut.path / "optimizer.ckpt")
     >>> data = (cut.path / "optimizer.ckpt").read_bytes()
     >>> _ = (cut.path / "optimizer.ckpt").write_bytes(data[: len(data) // 2])
-    >>> [os.path.basename(p) for p in set_aside_incomplete_checkpoints(checkpointer)]
-    ['CKPT+bad', 'CKPT+cut']
+    >>> # Without the file of a recoverable registered later:
+    >>> unsaved = checkpointer.save_checkpoint(name="unsaved")
+    >>> torch.save({"state": 1}, good.path / "optimizer.ckpt")
+    >>> moved = set_aside_incomplete_checkpoints(checkpointer, expected=["optimizer"])
+    >>> [os.path.basename(p) for p in moved]
+    ['CKPT+bad', 'CKPT+cut', 'CKPT+unsaved']
     >>> [c.path.name for c in checkpointer.list_checkpoints()]
     ['CKPT+good']
     """
@@ -188,6 +198,7 @@ def set_aside_incomplete_checkpoints(checkpointer: Checkpointer) -> List[str]:
     if not os.path.isdir(folder):
         return []
     names = list(checkpointer.recoverables)
+    names += [name for name in expected if name not in names]
     # Checkpointer loads without these files too (see its _call_load_hooks).
     optional = {n for n, flag in checkpointer.optional_recoverables.items() if flag}
     optional |= {n for n in names if "dataloader" in n}
