@@ -390,10 +390,11 @@ class MetaBrain(sb.Brain):
         the modules (no copy per task, nothing to average after the
         meta-step). :meth:`fit_batch` checks that no task changed them.
         """
+        statistics = self._statistics_names()
         return {
             name: buffer.clone()
             for name, buffer in self.objective().named_buffers()
-            if name in self._statistics_names()
+            if name in statistics
         }
 
     def _statistics_names(self) -> frozenset:

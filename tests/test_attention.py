@@ -159,7 +159,11 @@ def tiny_brain(tmp_path, decoder_type, **overrides):
 
 
 def float64_brain(tmp_path, decoder_type, **overrides):
-    brain = tiny_brain(tmp_path, decoder_type, **overrides)
+    return in_float64(tiny_brain(tmp_path, decoder_type, **overrides))
+
+
+def in_float64(brain: sb.Brain) -> sb.Brain:
+    """The recipe's modules and log-softmax in float64, for exact checks."""
     brain.modules.double()
     # Features are constants of the meta-gradient: float32 filters are fine.
     fbank = brain.hparams.compute_features

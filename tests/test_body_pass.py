@@ -1,10 +1,9 @@
 """The body computed once per batch when the inner loop adapts only the head."""
 
 import pytest
-import speechbrain as sb
 import torch
 from test_algorithms import INNER_LR, Regression, regression_task
-from test_attention import float64_brain, synthetic_batch
+from test_attention import float64_brain, in_float64, synthetic_batch
 from test_inner_variants import finite_differences, theta_of
 from torch.func import functional_call
 
@@ -165,13 +164,7 @@ def anil_ctc_brain(tmp_path, **overrides):
         hparams=hparams,
         run_opts={"device": "cpu", "max_grad_norm": 1e9},
     )
-    brain.modules.double()
-    fbank = brain.hparams.compute_features
-    brain.hparams.compute_features = lambda wavs: fbank(wavs.float()).double()
-    brain.hparams.log_softmax = sb.nnet.activations.Softmax(
-        apply_log=True, dtype=torch.float64
-    )
-    return brain
+    return in_float64(brain)
 
 
 def recipe_gradient(brain):
