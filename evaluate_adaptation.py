@@ -11,7 +11,8 @@ and runs its stages in order, each a subprocess into its own folder under
    and that init's ``init_overrides`` (e.g. ``init_from`` an init trained
    before it); an init may also be an existing checkpoint (see ``adapt.py``)
    or null: random;
-3. every (target, budget, init of ``adapted_inits``, default all):
+3. every (target, budget, init of ``adapted_inits``, default all; a target's
+   own ``budgets`` replace the protocol's, e.g. for a target with less data):
    ``adapt.py`` into ``<output_folder>/adapt/<target>/<budget>/<init>``, with
    the same adaptation YAML and options for every init (unless
    ``adapt_hparams_of`` / ``adapt_overrides_of`` give an init its own, e.g. a
@@ -252,8 +253,8 @@ def run_seed(hparams: dict, run_opts, adapted: list) -> dict:
     folders = {}
     runs = [
         (target, budget, init)
-        for target in hparams["targets"]
-        for budget in hparams["budgets"]
+        for target, settings in hparams["targets"].items()
+        for budget in settings.get("budgets", hparams["budgets"])
         for init in adapted
     ]
     for number, (target, item, init) in enumerate(runs, start=1):

@@ -224,6 +224,39 @@ comparisons:
 """
 
 
+def test_a_target_with_its_own_budgets(monkeypatch, tmp_path):
+    """A target's ``budgets`` replace the protocol's for that target only."""
+    stages = []
+    monkeypatch.setattr(
+        evaluate_adaptation,
+        "run_stage",
+        lambda name, folder, *a, **k: stages.append(folder),
+    )
+    hparams = {
+        "output_folder": str(tmp_path),
+        "data_preparation": [],
+        "inits": {"random": None},
+        "targets": {
+            "big": {"data_folder": "d", "task": "cs", "budgets": [2, 15]},
+            "small": {"data_folder": "d", "task": "pt"},
+        },
+        "budgets": [2, 5],
+        "budget_unit": "minutes",
+        "curve_steps": [0],
+        "seed": 1,
+        "adapt_hparams": "adapt.yaml",
+        "adapt_overrides": {},
+    }
+    folders = evaluate_adaptation.run_seed(hparams, {}, ["random"])["adapt"]
+    assert list(folders) == [
+        ("big", "2min", "random"),
+        ("big", "15min", "random"),
+        ("small", "2min", "random"),
+        ("small", "5min", "random"),
+    ]
+    assert stages == list(folders.values())
+
+
 def test_two_seeds_give_a_summary_bands_and_equal_compute(
     init_run,  # noqa: F811 (the fixture)
     tiny_corpus,
