@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.py constraints.txt
 
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 # The whole story on a 2-core CPU (docs/adaptation.md): embedded corpus, MAML and
 # multitask training, adaptation of MAML, multitask and random initialisations

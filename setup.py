@@ -26,7 +26,7 @@ setup(
         "soundfile>=0.12",
     ],
     extras_require={
-        "dev": ["pytest>=7", "ruff>=0.4"],
+        "dev": ["pytest>=7", "pytest-xdist>=3", "ruff>=0.4"],
         "plot": ["matplotlib>=3.5"],
         # Pretrained self-supervised encoders (docs/ssl_encoders.md).
         "ssl": ["transformers>=4.40,<5"],
