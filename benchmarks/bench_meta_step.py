@@ -50,6 +50,7 @@ wav2vec2 (:mod:`speechbrain_meta.tiny_ssl`) built in a temporary folder.
 import argparse
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -112,15 +113,23 @@ def parse_spec(spec: str) -> Tuple[str, dict]:
     -------
     >>> parse_spec("hparams/maml_attention.yaml:decoder_type=rnn,d_model=64")
     ('hparams/maml_attention.yaml', {'decoder_type': 'rnn', 'd_model': 64})
+    >>> parse_spec("hparams/maml_lora_ctc.yaml:lora_layers=[conv1.conv, conv2.conv]")
+    ('hparams/maml_lora_ctc.yaml', {'lora_layers': ['conv1.conv', 'conv2.conv']})
     """
     path, _, text = spec.partition(":")
     overrides = {}
-    for item in filter(None, text.split(",")):
+    # Commas between overrides, not inside a [list].
+    for item in filter(None, re.split(r",(?![^\[]*\])", text)):
         key, equals, value = item.partition("=")
         if not equals:
             raise ValueError(f"Override {item!r} of {spec!r} is not key=value.")
         overrides[key] = yaml.safe_load(value)
     return path, overrides
+
+
+def is_ssl(spec: str) -> bool:
+    """Whether the YAML of ``spec`` is one of the pretrained-encoder YAMLs."""
+    return str(Path(parse_spec(spec)[0]).resolve()) in SSL_HPARAMS
 
 
 def benchmark_hparams(spec: str, args, output_folder: str) -> dict:
@@ -136,7 +145,7 @@ def benchmark_hparams(spec: str, args, output_folder: str) -> dict:
         query_size=args.query,
         size_unit="utterances",
     )
-    if path in SSL_HPARAMS:
+    if is_ssl(spec):
         overrides.setdefault("ssl_source", args.ssl_source)
     hparams = load_hparams(path, overrides)
     hparams.pop("speed_perturb", None)
@@ -644,7 +653,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     brains = {}
     episode = None
     with tempfile.TemporaryDirectory() as folder:
-        if args.ssl_source is None and set(args.hparams) & set(SSL_HPARAMS):
+        if args.ssl_source is None and any(map(is_ssl, args.hparams)):
             from speechbrain_meta.tiny_ssl import build_tiny_ssl
 
             args.ssl_source = build_tiny_ssl("wav2vec2", os.path.join(folder, "ssl"))

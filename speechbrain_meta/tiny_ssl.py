@@ -28,6 +28,7 @@ Example
 """
 
 import argparse
+import json
 import os
 from typing import Dict, List, Optional
 
@@ -169,13 +170,29 @@ def tiny_ssl_folder(family: str, out: str) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Command line: ``python -m speechbrain_meta.tiny_ssl --family F --out DIR``."""
+    """Command line: ``python -m speechbrain_meta.tiny_ssl --family F --out DIR``.
+
+    ``--config num_hidden_layers=6 hidden_size=64`` changes configuration
+    fields (values read as JSON where they parse, else as strings).
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=sorted(FAMILIES), default="wav2vec2")
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--config", nargs="*", default=[], metavar="KEY=VALUE", help="fields to change"
+    )
     args = parser.parse_args(argv)
-    print(build_tiny_ssl(args.family, args.out, seed=args.seed))
+    overrides = {}
+    for item in args.config:
+        key, equals, value = item.partition("=")
+        if not equals:
+            parser.error(f"--config {item!r} is not KEY=VALUE.")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    print(build_tiny_ssl(args.family, args.out, seed=args.seed, **overrides))
 
 
 if __name__ == "__main__":

@@ -246,6 +246,21 @@ def test_lora_wraps_the_attention_and_feed_forward_linears(tiny_ssl, tmp_path):
     assert type(brain.modules.encoder.model).__name__ == "HubertModel"
 
 
+def test_the_command_line_builds_a_resized_encoder(tmp_path, capsys):
+    """``python -m speechbrain_meta.tiny_ssl --config`` changes the fields given."""
+    import transformers
+
+    from speechbrain_meta import tiny_ssl
+
+    out = str(tmp_path / "w2v")
+    tiny_ssl.main(["--out", out, "--config", "num_hidden_layers=3", "hidden_act=relu"])
+    assert capsys.readouterr().out.strip() == out
+    config = transformers.AutoConfig.from_pretrained(out)
+    assert (config.num_hidden_layers, config.hidden_act) == (3, "relu")
+    with pytest.raises(SystemExit):
+        tiny_ssl.main(["--out", out, "--config", "num_hidden_layers"])
+
+
 def test_activation_checkpointing_is_refused(tiny_ssl, tmp_path):
     """Recomputed forwards would see the modules' weights, not the fast ones."""
     hparams = load_hparams(
