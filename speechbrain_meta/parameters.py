@@ -40,7 +40,12 @@ import torch
 
 from speechbrain_meta.errors import SetupError
 
-__all__ = ["matching", "scale_learning_rates", "set_trainable"]
+__all__ = [
+    "keep_frozen_inputs_frozen",
+    "matching",
+    "scale_learning_rates",
+    "set_trainable",
+]
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -122,7 +127,38 @@ def set_trainable(
         selected = set(matching(named, patterns, key))
         for name, parameter in named.items():
             parameter.requires_grad_(name in selected)
+    keep_frozen_inputs_frozen(modules)
     return [name for name, parameter in named.items() if parameter.requires_grad]
+
+
+def keep_frozen_inputs_frozen(modules: torch.nn.Module) -> None:
+    """Keep frozen ``transformers`` feature encoders from asking a gradient.
+
+    The convolutional feature encoders of wav2vec2, HuBERT and WavLM mark
+    their input as requiring a gradient in training (for their gradient
+    checkpointing) unless their ``_requires_grad`` flag is off, and
+    SpeechBrain's ``freeze_feature_extractor`` freezes their parameters
+    without turning the flag off. Autograd then keeps every activation of
+    the encoder, for a backward pass that reaches no parameter below the
+    first trainable one. The flag follows the parameters here: on when one
+    of them is trainable, off otherwise.
+
+    Example
+    -------
+    >>> encoder = torch.nn.Conv1d(1, 2, 3)
+    >>> encoder._requires_grad = True  # as transformers sets it
+    >>> _ = encoder.requires_grad_(False)
+    >>> keep_frozen_inputs_frozen(encoder)
+    >>> encoder._requires_grad
+    False
+    >>> _ = encoder.bias.requires_grad_(True)
+    >>> keep_frozen_inputs_frozen(encoder)
+    >>> encoder._requires_grad
+    True
+    """
+    for module in modules.modules():
+        if isinstance(getattr(module, "_requires_grad", None), bool):
+            module._requires_grad = any(p.requires_grad for p in module.parameters())
 
 
 def scale_learning_rates(

@@ -246,6 +246,26 @@ def test_lora_wraps_the_attention_and_feed_forward_linears(tiny_ssl, tmp_path):
     assert type(brain.modules.encoder.model).__name__ == "HubertModel"
 
 
+def test_a_frozen_feature_encoder_keeps_no_graph(tiny_ssl, tmp_path):
+    """Its input does not ask a gradient (transformers would, in training)."""
+    top = ["*.layers.1.feed_forward.*_dense"]
+    lora = brain_of(
+        "maml_lora_ssl_ctc.yaml", tiny_ssl["wav2vec2"], tmp_path, lora_layers=top
+    )
+    model = lora.modules.encoder.model
+    wavs = torch.randn(2, 4000, dtype=torch.float64)
+    assert not model.feature_extractor(wavs).requires_grad
+    # Below the adapted layer, nothing asks a gradient: no graph is kept.
+    states = model(wavs, output_hidden_states=True).hidden_states
+    assert not states[1].requires_grad and states[-1].requires_grad
+    # A trainable feature encoder still gets its gradient.
+    whole = brain_of(
+        "maml_ssl_ctc.yaml", tiny_ssl["wav2vec2"], tmp_path / "whole",
+        freeze_feature_extractor=False,
+    )  # fmt: skip
+    assert whole.modules.encoder.model.feature_extractor(wavs).requires_grad
+
+
 def test_the_command_line_builds_a_resized_encoder(tmp_path, capsys):
     """``python -m speechbrain_meta.tiny_ssl --config`` changes the fields given."""
     import transformers
