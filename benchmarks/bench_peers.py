@@ -362,6 +362,16 @@ def peer_rows(brain: MAML, model: str, episode, args) -> List[Row]:
     return rows
 
 
+def warm_peak_memory(step: Callable[[], None], device: str) -> int:
+    """:func:`peak_memory` of ``step`` run just after itself.
+
+    Every implementation is measured in the state its own previous run left
+    (caches, the module's parameters), not another implementation's.
+    """
+    step()
+    return peak_memory(step, device)
+
+
 def is_number(text: str) -> bool:
     """Whether ``text`` is a number (a gradient difference, not a reason)."""
     try:
@@ -454,7 +464,10 @@ def main(argv: Optional[List[str]] = None) -> str:
             rows += peer_rows(brain, model, episode, args)
         timed = {row[:4]: row.step for row in rows if row.step is not None}
         timings = Timings(timed, args.repeats, args.warmup, args.device)
-        mib = {key: peak_memory(step, args.device) / MIB for key, step in timed.items()}
+        mib = {
+            key: warm_peak_memory(step, args.device) / MIB
+            for key, step in timed.items()
+        }
     report = "\n".join(
         [
             header(args, brains, episode),

@@ -523,7 +523,10 @@ def dataio_prepare(hparams: dict) -> tuple:
         special_labels=special_labels(hparams),
         sequence_input=True,
     )
-    record = read_encoder_record(encoder_file)
+    # The main process reads the record and every rank gets its answer: a
+    # rank reading it after the main process wrote it would skip the
+    # collective of run_on_main below and hang the others.
+    record = run_on_main(read_encoder_record, args=[encoder_file])
     if record is None:
         run_on_main(write_encoder_record, args=[encoder_file, built_from])
     texts = _texts(datasets["train"])
