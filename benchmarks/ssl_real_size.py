@@ -130,7 +130,7 @@ def measure(config: str, source: str, folder: str, args) -> str:
     learnt = sum(p.numel() for p in brain.meta_parameters().values())
     row = (
         f"| {config} | {total / 1e6:.3f} M | {learnt / 1e6:.3f} M "
-        f"| {fast_weights(brain) / 1e6:.3f} M | {seconds:.2f} | {peak:.2f} |"
+        f"| {fast_weights(brain) / 1e6:.3f} M | {seconds:.3g} | {peak:.3g} |"
     )
     return row
 
