@@ -81,6 +81,7 @@ from speechbrain_meta.inner_loop import (
     Rate,
     Tensors,
     all_finite,
+    once_differentiable_context,
     recomputed_pass,
     sgd_steps,
 )
@@ -465,7 +466,12 @@ class MetaBrain(sb.Brain):
         it (first order: no gradient of the support loss reaches the body),
         and every inner step, and every query loss of the multi-step loss,
         runs the head only. One dropout mask and augmentation per batch, not
-        per step. None when the body is not reused.
+        per step. The meta-gradient differentiates the body's graph once (the
+        inner gradients are the head's), so the pass runs with the native
+        kernels even in second order
+        (:func:`~speechbrain_meta.inner_loop.once_differentiable_context`:
+        fused attention, which keeps no attention maps, and cuDNN RNNs).
+        None when the body is not reused.
 
         Arguments
         ---------
@@ -489,7 +495,8 @@ class MetaBrain(sb.Brain):
             return None
 
         def body(tensors: Tensors) -> tuple:
-            return self.objective().call_body(tensors, batch, sb.Stage.TRAIN)
+            with once_differentiable_context():
+                return self.objective().call_body(tensors, batch, sb.Stage.TRAIN)
 
         grad = torch.is_grad_enabled() and with_grad
         with self.training_ctx, torch.set_grad_enabled(grad):

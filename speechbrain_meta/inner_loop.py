@@ -78,6 +78,7 @@ __all__ = [
     "Rate",
     "all_finite",
     "fast_weight_context",
+    "once_differentiable_context",
     "second_order_context",
     "sgd_steps",
 ]
@@ -216,6 +217,35 @@ def second_order_context() -> Iterator[None]:
     """
     with twice_differentiable_ctc(), _rnn_without_cudnn, _attention_on_math:
         with _twice_differentiable_weight_norm:
+            yield
+
+
+@contextmanager
+def once_differentiable_context() -> Iterator[None]:
+    """Native kernels again, inside :func:`second_order_context`.
+
+    For a pass whose graph the meta-gradient differentiates only once, such
+    as the body pass that ANIL's inner steps share (their gradients reach
+    the head's weights, not the body): in the calling thread, RNNs may use
+    cuDNN, ``scaled_dot_product_attention`` its fused kernels (the math
+    backend keeps every attention map for the backward pass) and weight
+    normalisation its fused function, as outside the context. CTC losses
+    stay twice differentiable. Re-entrant; leaving it restores
+    :func:`second_order_context`.
+
+    Example
+    -------
+    >>> from torch.nn import functional
+    >>> q = torch.randn(1, 2, 5, 4, requires_grad=True)
+    >>> with second_order_context():
+    ...     with once_differentiable_context():
+    ...         once = functional.scaled_dot_product_attention(q, q, q)
+    ...     twice = functional.scaled_dot_product_attention(q, q, q)
+    >>> once.grad_fn.name() == twice.grad_fn.name()
+    False
+    """
+    with _rnn_without_cudnn.suspended(), _attention_on_math.suspended():
+        with _twice_differentiable_weight_norm.suspended():
             yield
 
 

@@ -16,7 +16,8 @@ change library functions for the calling thread only:
 
 import functools
 import threading
-from typing import Callable, ContextManager, List, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Callable, ContextManager, Iterator, List, Sequence, Tuple
 
 __all__ = ["SharedSetting", "ThreadLocalPatch"]
 
@@ -62,6 +63,12 @@ class ThreadLocalPatch:
     ...     outer = namespace.double(3)
     >>> inner, outer, namespace.double(3), namespace.double is original
     (-6, -6, 6, True)
+    >>> with negated:
+    ...     with negated.suspended():
+    ...         suspended = namespace.double(3)
+    ...     resumed = namespace.double(3)
+    >>> suspended, resumed
+    (6, -6)
     """
 
     def __init__(
@@ -109,6 +116,19 @@ class ThreadLocalPatch:
                     if vars(owner).get(name) is dispatcher:
                         setattr(owner, name, original)
                 self._installed.clear()
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """The originals for the calling thread, however deep it is inside.
+
+        Other threads, and this one once the context is left, keep their
+        switch.
+        """
+        depth, self._depth.value = self._depth.value, 0
+        try:
+            yield
+        finally:
+            self._depth.value = depth
 
 
 class SharedSetting:

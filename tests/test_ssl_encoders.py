@@ -436,3 +436,49 @@ def test_the_protocol_on_common_voice_manifests_with_an_ssl_encoder(
     assert "adapter" in "".join(torch.load(adapted / "save/CKPT+adapted/model.ckpt"))
     assert (adapted / "inference" / "hyperparams.yaml").is_file()
     assert str(tiny_ssl["wav2vec2"]) in (adapted / "hyperparams.yaml").read_text()
+
+
+def autograd_nodes(tensors) -> set:
+    """The names of the autograd nodes the tensors' graph holds."""
+    seen, names = set(), set()
+    stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return names
+
+
+def test_second_order_anil_runs_the_encoder_on_the_fused_attention(tiny_ssl, tmp_path):
+    """ANIL's shared body pass is differentiated once: in second order too
+    its attention keeps no attention maps (the math backend's softmax and
+    matrix products)."""
+    brain = brain_of("maml_anil_ssl_ctc.yaml", tiny_ssl["wav2vec2"], tmp_path)
+    with second_order_context():
+        states = brain.body_pass(batch(0), brain.copy_buffers())
+    names = autograd_nodes(s for s in states if isinstance(s, torch.Tensor))
+    assert any("ScaledDotProduct" in name for name in names), sorted(names)
+    assert "SoftmaxBackward0" not in names
+
+
+def test_a_recomputed_anil_body_pass_gives_the_same_gradient(tiny_ssl, tmp_path):
+    """checkpoint_inner_steps recomputes the body pass in the backward pass
+    of a second-order step: with the same kernels as its first run."""
+    brain = brain_of("maml_anil_ssl_ctc.yaml", tiny_ssl["wav2vec2"], tmp_path)
+    encoder = [p for n, p in brain.modules.named_parameters() if p.requires_grad]
+
+    def gradient(recompute: bool) -> list:
+        torch.manual_seed(0)
+        with second_order_context():
+            buffers = brain.copy_buffers()
+            states = brain.body_pass(batch(0), buffers, recompute=recompute)
+            loss = sum(s.pow(2).sum() for s in states if isinstance(s, torch.Tensor))
+            return torch.autograd.grad(loss, encoder, allow_unused=True)
+
+    for plain, recomputed in zip(gradient(False), gradient(True)):
+        assert (plain is None) == (recomputed is None)
+        if plain is not None:
+            torch.testing.assert_close(recomputed, plain, rtol=1e-10, atol=1e-12)
