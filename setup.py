@@ -15,6 +15,8 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     packages=find_packages(include=["speechbrain_meta", "speechbrain_meta.*"]),
+    # The CTC loss's C kernel, built on first use (speechbrain_meta/ctc_kernel.py).
+    package_data={"speechbrain_meta": ["ctc_loops.c"]},
     python_requires=">=3.9",
     install_requires=[
         "speechbrain>=1.1.2,<1.2",

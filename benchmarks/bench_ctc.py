@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from speechbrain_meta.ctc import ctc_loss_differentiable  # noqa: E402
 
 SIZES = [(8, 100, 40), (8, 100, 300), (8, 200, 40), (8, 200, 300)]
+# Set to 0: the loss runs its tensor loops instead of its C kernel.
+KERNEL_SWITCH = "SPEECHBRAIN_META_CTC_KERNEL"
 # Sizes of a GPU's batches: more utterances, longer inputs (benchmarks/gpu_check.py).
 GPU_SIZES = [(32, 400, 128), (32, 800, 128), (64, 400, 300)]
 
@@ -103,6 +105,23 @@ def second_order(data: Dict) -> Callable[[], None]:
     return run
 
 
+def without_kernel(run: Callable[[], None]) -> Callable[[], None]:
+    """``run`` with the loss's C kernel switched off (the tensor loops)."""
+
+    def call() -> None:
+        previous = os.environ.get(KERNEL_SWITCH)
+        os.environ[KERNEL_SWITCH] = "0"
+        try:
+            run()
+        finally:
+            if previous is None:
+                del os.environ[KERNEL_SWITCH]
+            else:
+                os.environ[KERNEL_SWITCH] = previous
+
+    return call
+
+
 def synchronize(device: str) -> None:
     """Wait for the device's queued work."""
     if device.startswith("cuda"):
@@ -143,6 +162,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         default=SIZES,
         help="batch, frames and classes of each size, as B,T,C",
     )
+    parser.add_argument(
+        "--tensor_loops",
+        action="store_true",
+        help="also time second order with the C kernel off (the tensor loops)",
+    )
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -155,8 +179,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         "runs, ms.",
         "",
         "| B | T | C | S | native fwd+bwd | differentiable fwd+bwd | ratio "
-        "| second order | ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| second order | ratio |"
+        + (" second order, tensor loops | ratio |" if args.tensor_loops else ""),
+        "|---|---|---|---|---|---|---|---|---|" + "---|---|" * args.tensor_loops,
     ]
     for batch, frames, classes in args.sizes:
         data = make_batch(batch, frames, classes, args.device)
@@ -165,6 +190,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             "differentiable": first_order(ctc_loss_differentiable, data),
             "second": second_order(data),
         }
+        if args.tensor_loops:
+            runs["tensor loops"] = without_kernel(second_order(data))
         ms = {
             name: 1e3 * seconds
             for name, seconds in median_times(
@@ -176,6 +203,11 @@ def main(argv: Optional[List[str]] = None) -> None:
             f"| {batch} | {frames} | {classes} | {frames // 3} | {native:.2f} "
             f"| {ms['differentiable']:.2f} | {ms['differentiable'] / native:.2f}x "
             f"| {ms['second']:.2f} | {ms['second'] / native:.2f}x |"
+            + (
+                f" {ms['tensor loops']:.2f} | {ms['tensor loops'] / native:.2f}x |"
+                if args.tensor_loops
+                else ""
+            )
         )
     table = "\n".join(lines)
     print(table)

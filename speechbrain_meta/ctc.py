@@ -71,6 +71,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from speechbrain_meta import ctc_kernel
 from speechbrain_meta.patching import ThreadLocalPatch
 
 __all__ = ["ctc_loss", "ctc_loss_differentiable", "twice_differentiable_ctc"]
@@ -279,8 +280,12 @@ def _recursion(flat_emissions: torch.Tensor, plan: _Plan) -> torch.Tensor:
     ``alpha[t, s] = logsumexp(alpha[t-1, s], alpha[t-1, s-1],
     alpha[t-1, s-2] + skip[s]) + emission[t, s]``, written into one buffer
     through views made once, four in-place kernels per time step, the loop
-    compiled (:func:`_compiled`).
+    compiled: in C on CPU tensors (:mod:`speechbrain_meta.ctc_kernel`), by
+    TorchScript otherwise (:func:`_compiled`).
     """
+    kernel = ctc_kernel.loops()
+    if kernel is not None and kernel.accepts(flat_emissions, plan.skip, plan.start):
+        return kernel.alpha(flat_emissions, plan.skip, plan.start)
     return _alpha_recursion(flat_emissions, plan.skip, plan.start)
 
 
@@ -394,14 +399,20 @@ _prefix_sums = _compiled(_prefix_sum_loop)
 
 
 def _expected_prefix_sums(
-    weights: torch.Tensor, flat_values: torch.Tensor
+    alpha: torch.Tensor, flat_values: torch.Tensor, plan: _Plan
 ) -> torch.Tensor:
     """``E[sum of values along the path before t | state s at t]``, ``(T, N)``.
 
     The recursion ``f[t, s] = sum_k w[k, t-1, s] (f + values)[t-1, s-2+k]``,
-    linear, written in place like :func:`_recursion`.
+    linear, with the transition weights of :func:`_transition_weights`; in C
+    on CPU tensors, the weights computed on the fly
+    (:mod:`speechbrain_meta.ctc_kernel`), else written in place like
+    :func:`_recursion` and compiled by TorchScript.
     """
-    return _prefix_sums(weights, flat_values)
+    kernel = ctc_kernel.loops()
+    if kernel is not None and kernel.accepts(alpha, plan.skip, flat_values):
+        return kernel.expected_prefix_sums(alpha, plan.skip, flat_values)
+    return _prefix_sums(_transition_weights(alpha, plan), flat_values)
 
 
 class _Posterior(torch.autograd.Function):
@@ -440,9 +451,9 @@ class _Posterior(torch.autograd.Function):
         with torch.no_grad():
             cotangent = upstream.masked_fill(plan.outside, 0.0)
             expected = (posterior * cotangent).sum((0, 2))  # E[U] per sample
-            weights = _transition_weights(alpha, plan)
             before, after = _split(
-                _expected_prefix_sums(weights, _layout(cotangent, plan, 0.0)), plan
+                _expected_prefix_sums(alpha, _layout(cotangent, plan, 0.0), plan),
+                plan,
             )
             centred = cotangent.add_(before).add_(after).sub_(expected[:, None])
             hvp = centred.mul_(posterior).mul_(grad[:, None])

@@ -130,3 +130,17 @@ def test_timings_pair_runs_of_each_round(bench):
     assert calls == ["short", "long"] * 4
     assert timings.ms("long") >= 30
     assert 2 < timings.ratio("long", "short") < 4
+
+
+def test_the_ctc_benchmark_times_the_tensor_loops_beside_the_kernel(tmp_path):
+    path = REPO_ROOT / "benchmarks" / "bench_ctc.py"
+    spec = importlib.util.spec_from_file_location("bench_ctc", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "ctc.md"
+    module.main(["--sizes", "2,20,5", "--repeats", "2", "--warmup", "1",
+                 "--tensor_loops", "--out", str(out)])  # fmt: skip
+    (row,) = table_rows(out.read_text(), "| B |")
+    assert row["second order, tensor loops"] and float(row["second order"]) > 0
+    assert float(row["second order, tensor loops"]) > 0
+    assert module.KERNEL_SWITCH not in __import__("os").environ  # switched back

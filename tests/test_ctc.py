@@ -562,20 +562,21 @@ def test_compiled_time_loops_equal_the_python_loops():
             assert torch.equal(compiled(*inputs), compiled.python(*inputs))
 
 
+def second_order_values(**batch):
+    """Loss, gradient and a Hessian-vector product of the corner-case batch."""
+    logits, targets, input_lengths, target_lengths = make_batch(**batch)
+    log_probs = logits.log_softmax(-1).detach().requires_grad_()
+    loss = ctc_loss_differentiable(log_probs, targets, input_lengths, target_lengths)
+    (grad,) = torch.autograd.grad(loss, log_probs, create_graph=True)
+    (hvp,) = torch.autograd.grad((grad * torch.cos(log_probs)).sum(), log_probs)
+    return loss, grad, hvp
+
+
 def test_the_loops_run_in_python_where_torchscript_fails(monkeypatch):
     from speechbrain_meta import ctc
 
-    def second_order():
-        logits, targets, input_lengths, target_lengths = make_batch()
-        log_probs = logits.log_softmax(-1).detach().requires_grad_()
-        loss = ctc_loss_differentiable(
-            log_probs, targets, input_lengths, target_lengths
-        )
-        (grad,) = torch.autograd.grad(loss, log_probs, create_graph=True)
-        (hvp,) = torch.autograd.grad(grad.sum(), log_probs)
-        return loss, grad, hvp
-
-    compiled = second_order()
+    monkeypatch.setenv("SPEECHBRAIN_META_CTC_KERNEL", "0")  # the tensor loops
+    compiled = second_order_values()
     scripted = []
 
     def unavailable(function):
@@ -585,7 +586,106 @@ def test_the_loops_run_in_python_where_torchscript_fails(monkeypatch):
     monkeypatch.setattr(torch.jit, "script", unavailable)
     monkeypatch.setattr(ctc, "_alpha_recursion", ctc._compiled(ctc._alpha_loop))
     monkeypatch.setattr(ctc, "_prefix_sums", ctc._compiled(ctc._prefix_sum_loop))
-    in_python = second_order()
+    in_python = second_order_values()
     assert scripted == [ctc._alpha_loop, ctc._prefix_sum_loop]  # tried, once each
     for value, expected in zip(in_python, compiled):
         torch.testing.assert_close(value, expected, rtol=0, atol=0)
+
+
+def realistic_recursion_inputs(dtype):
+    """The flat emissions, alphas and a cotangent layout of a random batch."""
+    from speechbrain_meta import ctc
+
+    generator = torch.Generator().manual_seed(5)
+    frames, batch, classes, labels = 90, 5, 30, 25
+    log_probs = torch.randn(frames, batch, classes, generator=generator, dtype=dtype)
+    log_probs = (3 * log_probs).log_softmax(-1)
+    targets = torch.randint(1, classes, (batch, labels), generator=generator)
+    input_lengths = torch.tensor([90, 80, 70, 60, 55])
+    target_lengths = torch.tensor([25, 20, 25, 10, 0])
+    extended, plan = ctc._make_plan(
+        targets, input_lengths, target_lengths, frames, 0, dtype
+    )
+    emissions = log_probs.gather(2, extended.expand(frames, -1, -1))
+    flat = ctc._layout(emissions.masked_fill(plan.outside, 0.0), plan, ctc._NEG)
+    alpha = ctc._alpha_recursion.python(flat, plan.skip, plan.start)
+    cotangent = torch.randn(emissions.shape, generator=generator, dtype=dtype)
+    values = ctc._layout(cotangent.masked_fill(plan.outside, 0.0), plan, 0.0)
+    return flat, alpha, values, plan
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_c_kernel_computes_what_the_tensor_loops_do(dtype):
+    """ctc_loops.c, built with the system's compiler: the alphas and the
+    expected prefix sums of the Hessian-vector product, then the loss, its
+    gradient and a Hessian-vector product end to end."""
+    from speechbrain_meta import ctc, ctc_kernel
+
+    assert ctc_kernel.compiler() is not None, "the project's set-up installs one"
+    kernel = ctc_kernel.loops()
+    assert kernel is not None and kernel.accepts(torch.zeros(1, dtype=dtype))
+    flat, alpha, values, plan = realistic_recursion_inputs(dtype)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+    possible = alpha > ctc._NEG / 2  # impossible states hold multiples of _NEG
+    compiled = kernel.alpha(flat, plan.skip, plan.start)
+    torch.testing.assert_close(compiled[possible], alpha[possible], **tolerance)
+    assert bool((compiled[~possible] <= ctc._NEG / 2).all())
+    weights = ctc._transition_weights(alpha, plan)
+    torch.testing.assert_close(
+        kernel.expected_prefix_sums(alpha, plan.skip, values),
+        ctc._prefix_sum_loop(weights, values),
+        **tolerance,
+    )
+
+
+def test_the_loss_is_the_same_with_and_without_the_c_kernel(monkeypatch):
+    with_kernel = second_order_values()
+    monkeypatch.setenv("SPEECHBRAIN_META_CTC_KERNEL", "0")
+    for value, expected in zip(with_kernel, second_order_values()):
+        torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_without_a_compiler_the_tensor_loops_run(monkeypatch, tmp_path):
+    from speechbrain_meta import ctc_kernel
+
+    expected = second_order_values()
+    monkeypatch.setattr(ctc_kernel, "compiler", lambda: None)
+    monkeypatch.setattr(ctc_kernel, "_LOADED", [])
+    monkeypatch.setenv("SPEECHBRAIN_META_CACHE", str(tmp_path))
+    assert ctc_kernel.loops() is None
+    assert list(tmp_path.iterdir()) == []
+    for value, reference in zip(second_order_values(), expected):
+        torch.testing.assert_close(value, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_a_failed_build_leaves_no_file_and_a_rebuild_reuses_it(monkeypatch, tmp_path):
+    from speechbrain_meta import ctc_kernel
+
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    assert ctc_kernel.build(tmp_path) is None
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.delenv("CC")
+    built = ctc_kernel.build(tmp_path)
+    assert built is not None and [p.name for p in tmp_path.iterdir()] == [built.name]
+    assert ctc_kernel.build(tmp_path) == built
+    assert built.stat().st_mtime_ns == ctc_kernel.build(tmp_path).stat().st_mtime_ns
+
+
+def test_loading_the_c_kernel_keeps_subnormal_numbers(tmp_path):
+    """Linked without fast math: loading it does not switch on flush-to-zero
+    for the whole process (GCC's crtfastmath.o would)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from speechbrain_meta import ctc_kernel\n"
+        "assert ctc_kernel.loops() is not None\n"
+        "print((torch.tensor([1e-39]) * 1.0).item() > 0)"
+    )
+    env = {**__import__("os").environ, "SPEECHBRAIN_META_CACHE": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "True"
