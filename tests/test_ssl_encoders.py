@@ -468,7 +468,7 @@ def test_a_recomputed_anil_body_pass_gives_the_same_gradient(tiny_ssl, tmp_path)
     """checkpoint_inner_steps recomputes the body pass in the backward pass
     of a second-order step: with the same kernels as its first run."""
     brain = brain_of("maml_anil_ssl_ctc.yaml", tiny_ssl["wav2vec2"], tmp_path)
-    encoder = [p for n, p in brain.modules.named_parameters() if p.requires_grad]
+    encoder = [p for p in brain.modules.parameters() if p.requires_grad]
 
     def gradient(recompute: bool) -> list:
         torch.manual_seed(0)
