@@ -8,9 +8,10 @@ each step in one vectorised pass over the states, on one thread. It is
 built on first use with the system's C compiler (``$CC``, else ``cc`` or
 ``gcc``: the project's Debian packages include one) into
 ``$SPEECHBRAIN_META_CACHE`` (default ``~/.cache/speechbrain_meta``), one
-file per source version and CPU, and loaded with ``ctypes``. Where no compiler is found or the build fails,
-:func:`loops` returns None and the tensor loops run instead (TorchScript),
-as they do for CUDA tensors and with ``SPEECHBRAIN_META_CTC_KERNEL=0``.
+file per source version and CPU, and loaded with ``ctypes``. Where no
+compiler is found or the build fails, :func:`loops` returns None and the
+tensor loops run instead (TorchScript), as they do for CUDA tensors and
+with ``SPEECHBRAIN_META_CTC_KERNEL=0``.
 
 Example
 -------
