@@ -169,9 +169,10 @@ def loops() -> Optional[CompiledLoops]:
     if not _LOADED:
         folder = os.environ.get("SPEECHBRAIN_META_CACHE")
         folder = Path(folder) if folder else Path.home() / ".cache/speechbrain_meta"
-        try:
+        try:  # an unwritable cache folder, a library that does not load
             library = build(folder)
-        except OSError:  # an unwritable cache folder
-            library = None
-        _LOADED.append(None if library is None else CompiledLoops(ctypes.CDLL(library)))
+            loaded = None if library is None else ctypes.CDLL(str(library))
+            _LOADED.append(None if loaded is None else CompiledLoops(loaded))
+        except (OSError, AttributeError):
+            _LOADED.append(None)
     return _LOADED[0]

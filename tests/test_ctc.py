@@ -671,6 +671,16 @@ def test_a_failed_build_leaves_no_file_and_a_rebuild_reuses_it(monkeypatch, tmp_
     assert built.stat().st_mtime_ns == ctc_kernel.build(tmp_path).stat().st_mtime_ns
 
 
+def test_a_library_that_does_not_load_leaves_the_tensor_loops(monkeypatch, tmp_path):
+    from speechbrain_meta import ctc_kernel
+
+    broken = tmp_path / "broken.so"
+    broken.write_text("not a shared library")
+    monkeypatch.setattr(ctc_kernel, "build", lambda folder: broken)
+    monkeypatch.setattr(ctc_kernel, "_LOADED", [])
+    assert ctc_kernel.loops() is None
+
+
 def test_loading_the_c_kernel_keeps_subnormal_numbers(tmp_path):
     """Linked without fast math: loading it does not switch on flush-to-zero
     for the whole process (GCC's crtfastmath.o would)."""
