@@ -8,10 +8,12 @@ each step in one vectorised pass over the states, on one thread. It is
 built on first use with the system's C compiler (``$CC``, else ``cc`` or
 ``gcc``: the project's Debian packages include one) into
 ``$SPEECHBRAIN_META_CACHE`` (default ``~/.cache/speechbrain_meta``), one
-file per source version and CPU, and loaded with ``ctypes``. Where no
-compiler is found or the build fails, :func:`loops` returns None and the
-tensor loops run instead (TorchScript), as they do for CUDA tensors and
-with ``SPEECHBRAIN_META_CTC_KERNEL=0``.
+file per source version, CPU and instruction set (that of
+``ATEN_CPU_CAPABILITY`` when set, as the protocols' ``cpu_isa`` sets it,
+else this CPU's), and loaded with ``ctypes``. Where no compiler is found or
+the build fails, :func:`loops` returns None and the tensor loops run
+instead (TorchScript), as they do for CUDA tensors and with
+``SPEECHBRAIN_META_CTC_KERNEL=0``.
 
 Example
 -------
@@ -35,19 +37,36 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 __all__ = ["CompiledLoops", "loops"]
 
 SOURCE = Path(__file__).with_name("ctc_loops.c")
-# Vectorised for this machine's CPU, else for its architecture's baseline.
 # Fast math is safe in the loops, whose values are finite by construction;
 # the library is linked without it, since linking with it would switch on
 # flush-to-zero for the whole process when it loads (GCC's crtfastmath.o).
 _COMPILE = ["-O3", "-std=c99", "-ffast-math", "-fopenmp-simd", "-fPIC", "-c"]
-FLAGS = [[*_COMPILE, "-march=native"], _COMPILE]
+# The instruction sets that ATEN_CPU_CAPABILITY pins torch's kernels to
+# (stages.cpu_isa_environment: the same results on every machine).
+_ISA_FLAGS = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"],
+}
+
+
+def flags() -> List[List[str]]:
+    """The compiler flags to try, in turn.
+
+    For the instruction set of ``ATEN_CPU_CAPABILITY`` when it is set, as
+    torch's own kernels, so that the loops round alike on every machine;
+    otherwise for this machine's CPU. Then for the architecture's baseline.
+    """
+    isa = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    first = _ISA_FLAGS.get(isa, []) if isa else ["-march=native"]
+    return [[*_COMPILE, *first], _COMPILE]
 
 
 class CompiledLoops:
@@ -126,12 +145,13 @@ def cpu() -> bytes:
 def build(folder: Path) -> Optional[Path]:
     """The shared library of ``ctc_loops.c`` in ``folder``, built if missing.
 
-    One file per version of the source and per CPU (a hash of both in the
-    name: the build is for this CPU's instructions), written atomically, so
+    One file per version of the source, per CPU and per instruction set
+    (:func:`flags`; a hash of all three in the name), written atomically, so
     processes building at once do not see half a file. None when no
     compiler is found or every build fails.
     """
-    key = hashlib.sha256(SOURCE.read_bytes() + repr(FLAGS).encode() + cpu())
+    attempts = flags()
+    key = hashlib.sha256(SOURCE.read_bytes() + repr(attempts).encode() + cpu())
     target = folder / f"ctc_loops-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -142,8 +162,8 @@ def build(folder: Path) -> Optional[Path]:
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         built, objects = Path(scratch) / target.name, Path(scratch) / "loops.o"
         link = [*cc.split(), "-shared", str(objects), "-o", str(built), "-lm"]
-        for flags in FLAGS:
-            compile_ = [*cc.split(), *flags, str(SOURCE), "-o", str(objects)]
+        for attempt in attempts:
+            compile_ = [*cc.split(), *attempt, str(SOURCE), "-o", str(objects)]
             try:
                 for command in (compile_, link):
                     subprocess.run(command, check=True, capture_output=True, timeout=99)

@@ -671,6 +671,23 @@ def test_a_failed_build_leaves_no_file_and_a_rebuild_reuses_it(monkeypatch, tmp_
     assert built.stat().st_mtime_ns == ctc_kernel.build(tmp_path).stat().st_mtime_ns
 
 
+def test_the_kernel_follows_the_instruction_set_torch_is_pinned_to(
+    monkeypatch, tmp_path
+):
+    """cpu_isa sets ATEN_CPU_CAPABILITY for the same results on every
+    machine: the kernel is then built for that set, not for this CPU."""
+    from speechbrain_meta import ctc_kernel
+
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert "-march=native" in ctc_kernel.flags()[0]
+    native = ctc_kernel.build(tmp_path)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert ctc_kernel.flags()[0][-2:] == ["-mavx2", "-mfma"]
+    assert "-march=native" not in ctc_kernel.flags()[0]
+    pinned = ctc_kernel.build(tmp_path)
+    assert native is not None and pinned is not None and pinned != native
+
+
 def test_a_library_that_does_not_load_leaves_the_tensor_loops(monkeypatch, tmp_path):
     from speechbrain_meta import ctc_kernel
 
