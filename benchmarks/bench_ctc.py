@@ -21,16 +21,16 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
+from unittest import mock
 
 import torch
 
 # This checkout's package, not another one an environment may have installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from speechbrain_meta.ctc import ctc_loss_differentiable  # noqa: E402
+from speechbrain_meta.ctc_kernel import SWITCH  # noqa: E402
 
 SIZES = [(8, 100, 40), (8, 100, 300), (8, 200, 40), (8, 200, 300)]
-# Set to 0: the loss runs its tensor loops instead of its C kernel.
-KERNEL_SWITCH = "SPEECHBRAIN_META_CTC_KERNEL"
 # Sizes of a GPU's batches: more utterances, longer inputs (benchmarks/gpu_check.py).
 GPU_SIZES = [(32, 400, 128), (32, 800, 128), (64, 400, 300)]
 
@@ -109,15 +109,8 @@ def without_kernel(run: Callable[[], None]) -> Callable[[], None]:
     """``run`` with the loss's C kernel switched off (the tensor loops)."""
 
     def call() -> None:
-        previous = os.environ.get(KERNEL_SWITCH)
-        os.environ[KERNEL_SWITCH] = "0"
-        try:
+        with mock.patch.dict(os.environ, {SWITCH: "0"}):
             run()
-        finally:
-            if previous is None:
-                del os.environ[KERNEL_SWITCH]
-            else:
-                os.environ[KERNEL_SWITCH] = previous
 
     return call
 

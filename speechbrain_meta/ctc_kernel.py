@@ -41,9 +41,11 @@ from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ["CompiledLoops", "loops"]
+__all__ = ["SWITCH", "CompiledLoops", "loops"]
 
 SOURCE = Path(__file__).with_name("ctc_loops.c")
+# The environment variable that, set to 0, switches the kernel off.
+SWITCH = "SPEECHBRAIN_META_CTC_KERNEL"
 # Fast math is safe in the loops, whose values are finite by construction;
 # the library is linked without it, since linking with it would switch on
 # flush-to-zero for the whole process when it loads (GCC's crtfastmath.o).
@@ -184,7 +186,7 @@ def loops() -> Optional[CompiledLoops]:
     is ``0`` (the tensor loops then run: to compare, or to rule the kernel
     out).
     """
-    if os.environ.get("SPEECHBRAIN_META_CTC_KERNEL") == "0":
+    if os.environ.get(SWITCH) == "0":
         return None
     if not _LOADED:
         folder = os.environ.get("SPEECHBRAIN_META_CACHE")

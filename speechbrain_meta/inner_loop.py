@@ -60,7 +60,7 @@ tensor([2.2500], grad_fn=<SubBackward0>)
 """
 
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Dict, Iterator, NamedTuple, Tuple, Union
 
 import torch
@@ -164,6 +164,15 @@ _twice_differentiable_weight_norm = ThreadLocalPatch(
 )
 
 
+# The kernels second_order_context replaces by twice-differentiable ones
+# (CTC aside), and once_differentiable_context gives back.
+_KERNEL_PATCHES = (
+    _rnn_without_cudnn,
+    _attention_on_math,
+    _twice_differentiable_weight_norm,
+)
+
+
 @contextmanager
 def fast_weight_context() -> Iterator[None]:
     """Keep ``RNNBase.flatten_parameters`` away from fast weights.
@@ -215,9 +224,10 @@ def second_order_context() -> Iterator[None]:
     >>> h.shape
     torch.Size([4, 1, 2])
     """
-    with twice_differentiable_ctc(), _rnn_without_cudnn, _attention_on_math:
-        with _twice_differentiable_weight_norm:
-            yield
+    with twice_differentiable_ctc(), ExitStack() as stack:
+        for patch in _KERNEL_PATCHES:
+            stack.enter_context(patch)
+        yield
 
 
 @contextmanager
@@ -244,9 +254,10 @@ def once_differentiable_context() -> Iterator[None]:
     >>> once.grad_fn.name() == twice.grad_fn.name()
     False
     """
-    with _rnn_without_cudnn.suspended(), _attention_on_math.suspended():
-        with _twice_differentiable_weight_norm.suspended():
-            yield
+    with ExitStack() as stack:
+        for patch in _KERNEL_PATCHES:
+            stack.enter_context(patch.suspended())
+        yield
 
 
 class BrainObjective(torch.nn.Module):

@@ -143,4 +143,4 @@ def test_the_ctc_benchmark_times_the_tensor_loops_beside_the_kernel(tmp_path):
     (row,) = table_rows(out.read_text(), "| B |")
     assert row["second order, tensor loops"] and float(row["second order"]) > 0
     assert float(row["second order, tensor loops"]) > 0
-    assert module.KERNEL_SWITCH not in __import__("os").environ  # switched back
+    assert module.SWITCH not in __import__("os").environ  # switched back
