@@ -66,7 +66,7 @@ torch.Size([20, 2, 5])
 import contextlib
 import math
 import warnings
-from typing import Callable, Iterator, NamedTuple, Sequence, Tuple, Union
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -280,12 +280,8 @@ def _recursion(flat_emissions: torch.Tensor, plan: _Plan) -> torch.Tensor:
     ``alpha[t, s] = logsumexp(alpha[t-1, s], alpha[t-1, s-1],
     alpha[t-1, s-2] + skip[s]) + emission[t, s]``, written into one buffer
     through views made once, four in-place kernels per time step, the loop
-    compiled: in C on CPU tensors (:mod:`speechbrain_meta.ctc_kernel`), by
-    TorchScript otherwise (:func:`_compiled`).
+    compiled by TorchScript (:func:`_compiled`).
     """
-    kernel = ctc_kernel.loops()
-    if kernel is not None and kernel.accepts(flat_emissions, plan.skip, plan.start):
-        return kernel.alpha(flat_emissions, plan.skip, plan.start)
     return _alpha_recursion(flat_emissions, plan.skip, plan.start)
 
 
@@ -325,7 +321,10 @@ def _exp(log_values: torch.Tensor) -> torch.Tensor:
 
 
 def _posterior_weights(
-    flat_emissions: torch.Tensor, alpha: torch.Tensor, plan: _Plan
+    flat_emissions: torch.Tensor,
+    alpha: torch.Tensor,
+    log_likelihood: torch.Tensor,
+    plan: _Plan,
 ) -> torch.Tensor:
     """Posterior of every state ``(T, B, L)``: d log-likelihood / d emission.
 
@@ -347,7 +346,7 @@ def _posterior_weights(
     # The likelihood, up to the shifts: at least 1 (the maximum's term) inside
     # the input, 0 past it (made 1), inf where infeasible (all posteriors 0).
     total = posterior.sum(2, keepdim=True).clamp_(min=1.0)
-    infeasible = _log_likelihood(alpha, plan) <= _NEG / 2
+    infeasible = log_likelihood <= _NEG / 2
     return posterior.div_(total.masked_fill_(infeasible[:, None], float("inf")))
 
 
@@ -404,19 +403,106 @@ def _expected_prefix_sums(
     """``E[sum of values along the path before t | state s at t]``, ``(T, N)``.
 
     The recursion ``f[t, s] = sum_k w[k, t-1, s] (f + values)[t-1, s-2+k]``,
-    linear, with the transition weights of :func:`_transition_weights`; in C
-    on CPU tensors, the weights computed on the fly
-    (:mod:`speechbrain_meta.ctc_kernel`), else written in place like
-    :func:`_recursion` and compiled by TorchScript.
+    linear, with the transition weights of :func:`_transition_weights`,
+    written in place like :func:`_recursion` and compiled by TorchScript.
     """
-    kernel = ctc_kernel.loops()
-    if kernel is not None and kernel.accepts(alpha, plan.skip, flat_values):
-        return kernel.expected_prefix_sums(alpha, plan.skip, flat_values)
     return _prefix_sums(_transition_weights(alpha, plan), flat_values)
 
 
-class _Posterior(torch.autograd.Function):
-    """``posterior * grad``: the gradient of the log-likelihoods, as a function.
+class _Targets(NamedTuple):
+    """The targets of one batch, as both computations of the loss take them."""
+
+    labels: torch.Tensor  # (B, S) int64, rows contiguous
+    input_lengths: torch.Tensor  # (B,) int64
+    target_lengths: torch.Tensor  # (B,) int64
+    blank: int
+
+
+class _TensorLoops:
+    """The log-likelihood and its derivatives as tensor operations, on any device.
+
+    The interface of :class:`speechbrain_meta.ctc_kernel.CompiledCTC` (which
+    computes the same in C, on CPU tensors): ``forward`` returns the
+    log-likelihoods, which samples hold a NaN, the tensors that the
+    derivatives need (``saved``) and what else they need (``context``: here
+    the plan and the extended labels).
+    """
+
+    @staticmethod
+    def forward(
+        log_probs: torch.Tensor, targets: _Targets
+    ) -> Tuple[torch.Tensor, torch.Tensor, Tuple[torch.Tensor, ...], tuple]:
+        frames, _, classes = log_probs.shape
+        extended, plan = _make_plan(
+            *targets[:3], frames, targets.blank, log_probs.dtype
+        )
+        low, high = (int(x) for x in extended.aminmax()) if extended.numel() else (0, 0)
+        if low < 0 or high >= classes:
+            raise ValueError(f"targets must be class indices below {classes}")
+        emissions = log_probs.gather(2, extended.expand(frames, -1, -1))
+        # -inf becomes _NEG; entries outside the sequences become constants, so
+        # that whatever they hold (NaN included) reaches neither the loss nor
+        # its derivatives, which are zero there.
+        clean = emissions.clamp(min=_NEG).masked_fill_(plan.outside, 0.0)
+        # A NaN inside a sequence is zeroed for the recursions, which run over
+        # all the samples in one buffer and would carry it into the next ones.
+        nan_entries = clean.isnan()
+        nan_samples = nan_entries.flatten(2).any(2).any(0)
+        clean.masked_fill_(nan_entries, 0.0)
+        flat_emissions = _layout(clean, plan, _NEG)
+        alpha = _recursion(flat_emissions, plan)
+        saved = (flat_emissions, alpha)
+        return _log_likelihood(alpha, plan), nan_samples, saved, (plan, extended)
+
+    @staticmethod
+    def gradient(
+        context: tuple,
+        saved: Tuple[torch.Tensor, ...],
+        shape: torch.Size,
+        log_likelihood: torch.Tensor,
+        grad: torch.Tensor,
+        keep_posterior: bool,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        plan, extended = context
+        posterior = _posterior_weights(*saved, log_likelihood, plan)
+        weighted = posterior * grad[:, None]
+        index = extended.expand(shape[0], -1, -1)
+        gradient = weighted.new_zeros(shape).scatter_add_(2, index, weighted)
+        return gradient, posterior
+
+    @staticmethod
+    def hvp(
+        context: tuple,
+        saved: Tuple[torch.Tensor, ...],
+        posterior: torch.Tensor,
+        upstream: torch.Tensor,
+        grad: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        plan, extended = context
+        index = extended.expand(upstream.shape[0], -1, -1)
+        cotangent = upstream.gather(2, index).masked_fill_(plan.outside, 0.0)
+        expected = (posterior * cotangent).sum((0, 2))  # E[U] per sample
+        before, after = _split(
+            _expected_prefix_sums(saved[1], _layout(cotangent, plan, 0.0), plan), plan
+        )
+        centred = cotangent.add_(before).add_(after).sub_(expected[:, None])
+        weighted = centred.mul_(posterior).mul_(grad[:, None])
+        hvp = weighted.new_zeros(upstream.shape).scatter_add_(2, index, weighted)
+        return hvp, expected
+
+
+def _nan_where(
+    values: torch.Tensor, nan_samples: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """``values`` (batch in dimension 1, or 0 if 1-D) made NaN for ``nan_samples``."""
+    if nan_samples is None:
+        return values
+    mask = nan_samples if values.dim() == 1 else nan_samples[:, None]
+    return values.masked_fill_(mask, float("nan"))
+
+
+class _Gradient(torch.autograd.Function):
+    """The gradient of the log-likelihoods with respect to ``log_probs``, as a function.
 
     Its backward is the Hessian-vector product of the log-likelihood. The
     Hessian with respect to the emissions is the covariance of the state
@@ -424,44 +510,42 @@ class _Posterior(torch.autograd.Function):
     ``u``: ``H u [t, s] = posterior[t, s] (u[t, s] + E[U_<t | s, t] +
     E[U_>t | s, t] - E[U])``, ``U`` the sum of ``u`` along a path. The two
     conditional expectations are linear recursions with the posterior
-    transition weights, forward in time and on the reversed problem, in one
-    loop like the forward pass.
+    transition weights, forward and backward in time.
     """
 
     @staticmethod
     def forward(
         ctx,
-        emissions: torch.Tensor,
+        log_probs: torch.Tensor,
         grad: torch.Tensor,
-        flat_emissions: torch.Tensor,
-        alpha: torch.Tensor,
-        plan: _Plan,
+        log_likelihood: torch.Tensor,
+        nan_samples: Optional[torch.Tensor],
+        computation,
+        context,
+        *saved: torch.Tensor,
     ) -> torch.Tensor:
-        posterior = _posterior_weights(flat_emissions, alpha, plan)
-        ctx.save_for_backward(emissions, grad, flat_emissions, alpha, posterior)
-        ctx.plan = plan
-        return posterior * grad[:, None]
+        gradient, posterior = computation.gradient(
+            context, saved, log_probs.shape, log_likelihood, grad, keep_posterior=True
+        )
+        ctx.save_for_backward(log_probs, grad, posterior, *saved)
+        ctx.computation, ctx.context = computation, context
+        ctx.nan_samples = nan_samples
+        return _nan_where(gradient, nan_samples)
 
     @staticmethod
-    def backward(
-        ctx, upstream: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, None, None, None]:
-        emissions, grad, flat_emissions, alpha, posterior = ctx.saved_tensors
-        plan = ctx.plan
+    def backward(ctx, upstream: torch.Tensor) -> tuple:
+        log_probs, grad, posterior, *saved = ctx.saved_tensors
         with torch.no_grad():
-            cotangent = upstream.masked_fill(plan.outside, 0.0)
-            expected = (posterior * cotangent).sum((0, 2))  # E[U] per sample
-            before, after = _split(
-                _expected_prefix_sums(alpha, _layout(cotangent, plan, 0.0), plan),
-                plan,
+            hvp, expected = ctx.computation.hvp(
+                ctx.context, saved, posterior, upstream, grad
             )
-            centred = cotangent.add_(before).add_(after).sub_(expected[:, None])
-            hvp = centred.mul_(posterior).mul_(grad[:, None])
+        hvp = _nan_where(hvp, ctx.nan_samples)
+        expected = _nan_where(expected, ctx.nan_samples)
         if torch.is_grad_enabled():  # create_graph=True: a third order would follow
             hvp, expected = _NoThirdOrder.apply(
-                hvp, expected, emissions, grad, upstream
+                hvp, expected, log_probs, grad, upstream
             )
-        return hvp, expected, None, None, None
+        return (hvp, expected, None, None, None, None, *[None] * len(saved))
 
 
 class _NoThirdOrder(torch.autograd.Function):
@@ -486,40 +570,46 @@ class _NoThirdOrder(torch.autograd.Function):
 
 
 class _LogLikelihood(torch.autograd.Function):
-    """CTC log-likelihood per sample of the emissions ``(T, B, L)``.
+    """CTC log-likelihood per sample of the log-probabilities ``(T, B, C)``.
 
-    The forward pass computes alpha and beta (for the backward pass); a
-    backward with ``create_graph=True`` returns the gradient through
-    :class:`_Posterior`, whose own backward is the Hessian-vector product.
+    ``computation`` is :class:`_TensorLoops` or the C kernel's
+    :class:`speechbrain_meta.ctc_kernel.CompiledCTC`. The forward pass
+    computes what the backward pass needs; a backward with
+    ``create_graph=True`` returns the gradient through :class:`_Gradient`,
+    whose own backward is the Hessian-vector product. A NaN inside a sample's
+    sequence makes that sample's loss and derivatives NaN, as natively.
     """
 
     @staticmethod
-    def forward(ctx, emissions: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        # -inf becomes _NEG; entries outside the sequences become constants, so
-        # that whatever they hold (NaN included) reaches neither the loss nor
-        # its derivatives, which are zero there.
-        clean = emissions.clamp(min=_NEG).masked_fill_(plan.outside, 0.0)
-        # A NaN inside a sequence makes that sample's loss and gradient NaN, as
-        # natively. It is zeroed for the recursions, which run over all the
-        # samples in one buffer and would carry it into the next samples.
-        nan_entries = clean.isnan()
-        nan_samples = nan_entries.flatten(2).any(2).any(0)
-        clean.masked_fill_(nan_entries, 0.0)
-        flat_emissions = _layout(clean, plan, _NEG)
-        alpha = _recursion(flat_emissions, plan)
-        ctx.save_for_backward(emissions, flat_emissions, alpha, nan_samples)
-        ctx.plan = plan
-        return _log_likelihood(alpha, plan).masked_fill_(nan_samples, float("nan"))
+    def forward(
+        ctx, log_probs: torch.Tensor, targets: _Targets, computation
+    ) -> torch.Tensor:
+        log_likelihood, nan_samples, saved, context = computation.forward(
+            log_probs, targets
+        )
+        ctx.save_for_backward(log_probs, log_likelihood, *saved)
+        ctx.computation, ctx.context = computation, context
+        ctx.nan_samples = nan_samples if bool(nan_samples.any()) else None
+        return _nan_where(log_likelihood.clone(), ctx.nan_samples)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
-        emissions, flat_emissions, alpha, nan_samples = ctx.saved_tensors
-        plan = ctx.plan
-        grad = grad.masked_fill(nan_samples, float("nan"))
+    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None]:
+        log_probs, log_likelihood, *saved = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: keep it differentiable
-            return _Posterior.apply(emissions, grad, flat_emissions, alpha, plan), None
-        posterior = _posterior_weights(flat_emissions, alpha, plan)
-        return posterior.mul_(grad[:, None]), None
+            gradient = _Gradient.apply(
+                log_probs,
+                grad,
+                log_likelihood,
+                ctx.nan_samples,
+                ctx.computation,
+                ctx.context,
+                *saved,
+            )
+            return gradient, None, None
+        gradient, _ = ctx.computation.gradient(
+            ctx.context, saved, log_probs.shape, log_likelihood, grad, False
+        )
+        return _nan_where(gradient, ctx.nan_samples), None, None
 
 
 def ctc_loss_differentiable(
@@ -614,11 +704,13 @@ def ctc_loss_differentiable(
     if dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32
     labels = _padded_targets(targets.long(), target_lengths, int(target_lengths.max()))
-    extended, plan = _make_plan(
-        labels, input_lengths, target_lengths, steps, blank, dtype
+    computed = log_probs[:steps].to(dtype)
+    batch_targets = _Targets(
+        *(t.contiguous() for t in (labels, input_lengths, target_lengths)), blank
     )
-    emissions = log_probs[:steps].to(dtype).gather(2, extended.expand(steps, -1, -1))
-    log_likelihood = _LogLikelihood.apply(emissions, plan)
+    kernel = ctc_kernel.kernel()
+    computation = kernel if kernel and kernel.accepts(computed) else _TensorLoops
+    log_likelihood = _LogLikelihood.apply(computed, batch_targets, computation)
 
     # NaN is not infeasible: it stays NaN, as with the native loss, so that a
     # non-finite input is seen (and its task skipped) rather than zeroed.

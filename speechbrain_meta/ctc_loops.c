@@ -1,78 +1,321 @@
 /*
- * The two time loops of speechbrain_meta/ctc.py in C: one pass over the
- * states per time step instead of a few tensor kernels per step, the inner
- * loop vectorised (exp and log from the C library's vector functions).
- * Built by speechbrain_meta/ctc_kernel.py with the system's C compiler and
- * called through ctypes on contiguous CPU tensors of shape (frames, columns),
- * the flat layout of ctc._Plan, whose values are finite by construction
- * (impossible states hold multiples of ctc._NEG, not -inf).
+ * The CTC log-likelihood, its gradient and its Hessian-vector product in C:
+ * what speechbrain_meta/ctc.py computes with tensor operations, here one
+ * call each, sample by sample, the loops over the states vectorised (exp and
+ * log from the C library's vector functions). Built by
+ * speechbrain_meta/ctc_kernel.py with the system's C compiler and called
+ * through ctypes on CPU tensors.
+ *
+ * Layout: per sample b, of T = input_lengths[b] frames and L = 2 S + 1
+ * blank-interleaved states (S = target_lengths[b]), three (frames, width)
+ * buffers, width = 2 max(S) + 3:
+ *   emissions[t, s]   log-probability of state s's label at frame t,
+ *   alpha[t, 2 + s]   forward variables (two impossible entries in front),
+ *   beta[t, s]        backward variables (impossible entries from L on),
+ * and skip[s], 0 where the transition s - 2 -> s is allowed, NEG elsewhere.
+ * Impossible states hold multiples of NEG, not -inf, so that every value the
+ * loops compute is finite (they are compiled with fast math); NaN and
+ * infinite inputs are recognised by their bits.
+ *
+ * This file includes itself once per floating-point type (REAL).
  */
+#ifndef REAL
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
-/* alpha[t, n] = log(exp(alpha[t-1, n]) + exp(alpha[t-1, n-1])
- *                   + exp(alpha[t-1, n-2] + skip[n-2])) + emission[t, n],
- * alpha[t, 0:2] = start[0] and alpha[0] = emission[0] + start: as
- * ctc._alpha_loop, the sum of three exponentials taken relative to their
- * maximum in one step. */
-#define ALPHA_LOOP(NAME, TYPE, EXP, LOG, MAX)                                 \
-    void NAME(const TYPE *emissions, const TYPE *skip, const TYPE *start,     \
-              TYPE *alpha, int64_t frames, int64_t columns) {                 \
-        for (int64_t n = 0; n < columns; ++n)                                 \
-            alpha[n] = emissions[n] + start[n];                               \
-        for (int64_t t = 1; t < frames; ++t) {                                \
-            const TYPE *before = alpha + (t - 1) * columns;                   \
-            const TYPE *emission = emissions + t * columns;                   \
-            TYPE *now = alpha + t * columns;                                  \
-            now[0] = now[1] = start[0];                                       \
-            _Pragma("omp simd")                                               \
-            for (int64_t n = 2; n < columns; ++n) {                           \
-                TYPE x = before[n], y = before[n - 1];                        \
-                TYPE z = before[n - 2] + skip[n - 2];                         \
-                TYPE m = MAX(MAX(x, y), z);                                   \
-                now[n] = m + LOG(EXP(x - m) + EXP(y - m) + EXP(z - m))        \
-                         + emission[n];                                       \
-            }                                                                 \
-        }                                                                     \
-    }
-ALPHA_LOOP(alpha_loop_float, float, expf, logf, fmaxf)
-ALPHA_LOOP(alpha_loop_double, double, exp, log, fmax)
+#define NEG (-1e30)
 
-/* sums[t, n] = sum_k w[k, t-1, n] * (sums + values)[t-1, n-2+k], sums[0] = 0
- * and sums[t, 0:2] = 0, with the posterior transition weights w computed on
- * the fly from the alphas: the softmax over k of (alpha[t-1, n-2] +
- * skip[n-2], alpha[t-1, n-1], alpha[t-1, n]), weights below the smallest
- * normal number zeroed. As ctc._prefix_sum_loop on
- * ctc._transition_weights, without the weights' (3, frames - 1, columns - 2)
- * tensor. */
-#define EXPECTED_PREFIX_SUMS(NAME, TYPE, EXP, MAX, TINY)                      \
-    void NAME(const TYPE *alpha, const TYPE *skip, const TYPE *values,        \
-              TYPE *sums, TYPE *before, int64_t frames, int64_t columns) {    \
-        for (int64_t n = 0; n < columns; ++n) sums[n] = 0;                    \
-        for (int64_t t = 1; t < frames; ++t) {                                \
-            const TYPE *a = alpha + (t - 1) * columns;                        \
-            const TYPE *last = sums + (t - 1) * columns;                      \
-            const TYPE *value = values + (t - 1) * columns;                   \
-            TYPE *now = sums + t * columns;                                   \
-            now[0] = now[1] = 0;                                              \
-            _Pragma("omp simd")                                               \
-            for (int64_t n = 0; n < columns; ++n)                             \
-                before[n] = last[n] + value[n];                               \
-            _Pragma("omp simd")                                               \
-            for (int64_t n = 2; n < columns; ++n) {                           \
-                TYPE x = a[n - 2] + skip[n - 2], y = a[n - 1], z = a[n];      \
-                TYPE m = MAX(MAX(x, y), z);                                   \
-                TYPE ex = EXP(x - m), ey = EXP(y - m), ez = EXP(z - m);       \
-                TYPE total = ex + ey + ez;                                    \
-                TYPE wx = ex / total, wy = ey / total, wz = ez / total;       \
-                wx = wx > TINY ? wx : 0;                                      \
-                wy = wy > TINY ? wy : 0;                                      \
-                wz = wz > TINY ? wz : 0;                                      \
-                now[n] = wx * before[n - 2] + wy * before[n - 1]              \
-                         + wz * before[n];                                    \
-            }                                                                 \
-        }                                                                     \
+static int not_finite_float(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return (bits & 0x7f800000u) == 0x7f800000u;
+}
+
+static int not_finite_double(double x) {
+    uint64_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return (bits & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+}
+
+static int minus_infinity_float(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return bits == 0xff800000u;
+}
+
+static int minus_infinity_double(double x) {
+    uint64_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return bits == 0xfff0000000000000ull;
+}
+
+/* The label of state s: blank on even states, the target's labels between. */
+static inline int64_t label_of(const int64_t *labels, int64_t s, int64_t blank) {
+    return s & 1 ? labels[s >> 1] : blank;
+}
+
+#define REAL float
+#define NAME(name) name##_float
+#define EXP expf
+#define LOG logf
+#define MAX fmaxf
+#define TINY FLT_MIN
+#define NOT_FINITE not_finite_float
+#define MINUS_INFINITY minus_infinity_float
+#include "ctc_loops.c"
+#undef REAL
+#undef NAME
+#undef EXP
+#undef LOG
+#undef MAX
+#undef TINY
+#undef NOT_FINITE
+#undef MINUS_INFINITY
+
+#define REAL double
+#define NAME(name) name##_double
+#define EXP exp
+#define LOG log
+#define MAX fmax
+#define TINY DBL_MIN
+#define NOT_FINITE not_finite_double
+#define MINUS_INFINITY minus_infinity_double
+#include "ctc_loops.c"
+
+#else /* the functions, for one REAL type */
+
+/* Posterior of the states of frame t: exp(alpha + beta - emission) over the
+ * states, normalised over them (the path is in one state at every frame),
+ * alpha and beta taken relative to their maxima before they are added, so
+ * that the rounding of large alphas and betas cancels out; zero below the
+ * smallest normal number. */
+static void NAME(frame_posterior)(const REAL *alpha, const REAL *beta,
+                                  const REAL *emission, int64_t states,
+                                  REAL *posterior) {
+    REAL top_alpha = NEG, top_beta = NEG, top = NEG;
+    for (int64_t s = 0; s < states; ++s) {
+        top_alpha = MAX(top_alpha, alpha[2 + s]);
+        top_beta = MAX(top_beta, beta[s]);
     }
-EXPECTED_PREFIX_SUMS(expected_prefix_sums_float, float, expf, fmaxf, FLT_MIN)
-EXPECTED_PREFIX_SUMS(expected_prefix_sums_double, double, exp, fmax, DBL_MIN)
+    for (int64_t s = 0; s < states; ++s) {
+        posterior[s] = (alpha[2 + s] - top_alpha) + (beta[s] - top_beta) - emission[s];
+        top = MAX(top, posterior[s]);
+    }
+    REAL total = 0, floor = LOG(TINY);
+#pragma omp simd reduction(+ : total)
+    for (int64_t s = 0; s < states; ++s) {
+        REAL x = posterior[s] - top;
+        posterior[s] = x > floor ? EXP(x) : 0;
+        total += posterior[s];
+    }
+    for (int64_t s = 0; s < states; ++s) posterior[s] /= total;
+}
+
+/* log p(target | input) per sample, with the emissions, alphas, betas and
+ * skips kept for the derivatives; nan[b] = 1 where the sample's sequence
+ * holds a NaN or +inf (computed as if it were 0, the loss made NaN by the
+ * caller). -inf and values below NEG count as NEG. Returns the number of
+ * labels outside [0, classes) (their samples are left uncomputed). */
+int64_t NAME(ctc_forward)(const REAL *log_probs, int64_t stride_t, int64_t stride_b,
+                          int64_t stride_c, const int64_t *labels,
+                          int64_t label_stride, const int64_t *input_lengths,
+                          const int64_t *target_lengths, int64_t batch, int64_t frames,
+                          int64_t width, int64_t blank, int64_t classes,
+                          REAL *emissions, REAL *alpha, REAL *beta, REAL *skip,
+                          REAL *log_likelihood, uint8_t *nan) {
+    int64_t invalid = 0;
+    for (int64_t b = 0; b < batch; ++b) {
+        const int64_t T = input_lengths[b], L = 2 * target_lengths[b] + 1;
+        const int64_t *target = labels + b * label_stride;
+        REAL *e = emissions + b * frames * width, *a = alpha + b * frames * width;
+        REAL *be = beta + b * frames * width, *sk = skip + b * width;
+        nan[b] = 0;
+        int64_t outside = 0;
+        for (int64_t i = 0; i < target_lengths[b]; ++i)
+            outside += target[i] < 0 || target[i] >= classes;
+        if (outside) {
+            invalid += outside;
+            continue;
+        }
+        for (int64_t s = 0; s < width; ++s)
+            sk[s] = s < L && (s & 1) && s >= 3 && target[s >> 1] != target[(s >> 1) - 1]
+                        ? 0 : NEG;
+        for (int64_t t = 0; t < T; ++t) {
+            const REAL *row = log_probs + t * stride_t + b * stride_b;
+            for (int64_t s = 0; s < L; ++s) {
+                REAL x = row[label_of(target, s, blank) * stride_c];
+                if (NOT_FINITE(x) && !MINUS_INFINITY(x)) {
+                    nan[b] = 1;
+                    x = 0;
+                }
+                e[t * width + s] = MINUS_INFINITY(x) || x < NEG ? NEG : x;
+            }
+            for (int64_t s = L; s < width; ++s) e[t * width + s] = NEG;
+        }
+        if (T == 0) {
+            log_likelihood[b] = L == 1 ? 0 : NEG;
+            continue;
+        }
+        for (int64_t s = 0; s < width; ++s) a[s] = NEG;
+        a[2] = e[0];
+        if (L > 1) a[3] = e[1];
+        for (int64_t t = 1; t < T; ++t) {
+            const REAL *before = a + (t - 1) * width, *emission = e + t * width;
+            REAL *now = a + t * width;
+            now[0] = now[1] = NEG;
+#pragma omp simd
+            for (int64_t s = 0; s < L; ++s) {
+                REAL x = before[s + 2], y = before[s + 1], z = before[s] + sk[s];
+                REAL m = MAX(MAX(x, y), z);
+                now[s + 2] = m + LOG(EXP(x - m) + EXP(y - m) + EXP(z - m)) + emission[s];
+            }
+            for (int64_t s = L + 2; s < width; ++s) now[s] = NEG;
+        }
+        const REAL *last = a + (T - 1) * width + 2;
+        REAL x = last[L - 1], y = L > 1 ? last[L - 2] : NEG, m = MAX(x, y);
+        log_likelihood[b] = m + LOG(EXP(x - m) + EXP(y - m));
+
+        REAL *end = be + (T - 1) * width;
+        for (int64_t s = 0; s < width; ++s) end[s] = NEG;
+        end[L - 1] = e[(T - 1) * width + L - 1];
+        if (L > 1) end[L - 2] = e[(T - 1) * width + L - 2];
+        for (int64_t t = T - 2; t >= 0; --t) {
+            const REAL *after = be + (t + 1) * width, *emission = e + t * width;
+            REAL *now = be + t * width;
+#pragma omp simd
+            for (int64_t s = 0; s < L; ++s) {
+                REAL x = after[s], y = after[s + 1], z = after[s + 2] + sk[s + 2];
+                REAL m = MAX(MAX(x, y), z);
+                now[s] = m + LOG(EXP(x - m) + EXP(y - m) + EXP(z - m)) + emission[s];
+            }
+            for (int64_t s = L; s < width; ++s) now[s] = NEG;
+        }
+    }
+    return invalid;
+}
+
+/* d log-likelihood / d log_probs times grad[b], into the zeroed (frames,
+ * batch, classes) tensor gradient; the states' posteriors also into
+ * posterior (same layout as the emissions) unless it is NULL. Zero for
+ * infeasible samples (log-likelihood below NEG / 2) and past each input. */
+void NAME(ctc_gradient)(const REAL *emissions, const REAL *alpha, const REAL *beta,
+                        const REAL *log_likelihood, const REAL *grad,
+                        const int64_t *labels, int64_t label_stride,
+                        const int64_t *input_lengths, const int64_t *target_lengths,
+                        int64_t batch, int64_t frames, int64_t width, int64_t blank,
+                        int64_t classes, REAL *gradient, REAL *posterior, REAL *row) {
+    for (int64_t b = 0; b < batch; ++b) {
+        const int64_t T = input_lengths[b], L = 2 * target_lengths[b] + 1;
+        const int64_t *target = labels + b * label_stride;
+        const int64_t offset = b * frames * width;
+        if (log_likelihood[b] <= NEG / 2) {
+            if (posterior)
+                memset(posterior + offset, 0, frames * width * sizeof(REAL));
+            continue;
+        }
+        for (int64_t t = 0; t < frames; ++t) {
+            REAL *p = posterior ? posterior + offset + t * width : row;
+            memset(p, 0, width * sizeof(REAL));
+            if (t >= T) continue;
+            NAME(frame_posterior)(alpha + offset + t * width, beta + offset + t * width,
+                                  emissions + offset + t * width, L, p);
+            REAL *out = gradient + (t * batch + b) * classes;
+            for (int64_t s = 0; s < L; ++s)
+                out[label_of(target, s, blank)] += p[s] * grad[b];
+        }
+    }
+}
+
+/* The Hessian-vector product of the log-likelihood: for the cotangent
+ * upstream (frames, batch, classes) of the gradient, u its entries at each
+ * state's label and U the sum of u along a path,
+ *   hvp = grad[b] posterior (u + E[U before t | s, t] + E[U after t | s, t] - E[U])
+ * scattered to the labels (into the zeroed hvp), and expected[b] = E[U]. The
+ * two conditional expectations are linear recursions with the posterior
+ * transition weights (softmax of alpha over each state's predecessors, of
+ * beta over its successors; below the smallest normal number zeroed).
+ * scratch holds 2 frames x width + 2 x (width + 2) values. */
+void NAME(ctc_hvp)(const REAL *alpha, const REAL *beta, const REAL *skip,
+                   const REAL *posterior, const REAL *upstream, int64_t stride_t,
+                   int64_t stride_b, int64_t stride_c, const REAL *grad,
+                   const int64_t *labels, int64_t label_stride,
+                   const int64_t *input_lengths, const int64_t *target_lengths,
+                   int64_t batch, int64_t frames, int64_t width, int64_t blank,
+                   int64_t classes, REAL *hvp, REAL *expected, REAL *scratch) {
+    REAL *u = scratch, *later = u + frames * width;
+    REAL *carried = later + frames * width, *sum = carried + width + 2;
+    for (int64_t b = 0; b < batch; ++b) {
+        const int64_t T = input_lengths[b], L = 2 * target_lengths[b] + 1;
+        const int64_t *target = labels + b * label_stride;
+        const int64_t offset = b * frames * width;
+        const REAL *a = alpha + offset, *be = beta + offset, *p = posterior + offset;
+        const REAL *sk = skip + b * width;
+        double total = 0; /* E[U], summed in double: it reaches every entry */
+        for (int64_t t = 0; t < T; ++t) {
+            const REAL *row = upstream + t * stride_t + b * stride_b;
+            REAL *ut = u + t * width;
+            for (int64_t s = 0; s < L; ++s) {
+                ut[s] = row[label_of(target, s, blank) * stride_c];
+                total += p[t * width + s] * ut[s];
+            }
+            for (int64_t s = L; s < width; ++s) ut[s] = 0;
+        }
+        const REAL mean = (REAL)total;
+        expected[b] = mean;
+        if (T == 0) continue;
+
+        /* later[t, s] = E[sum of u after t | state s at t], backwards. */
+        memset(later + (T - 1) * width, 0, width * sizeof(REAL));
+        for (int64_t t = T - 2; t >= 0; --t) {
+            const REAL *next = be + (t + 1) * width;
+            const REAL *g = later + (t + 1) * width, *un = u + (t + 1) * width;
+            REAL *now = later + t * width;
+            for (int64_t s = 0; s < width; ++s) sum[s] = g[s] + un[s];
+            sum[width] = sum[width + 1] = 0;
+#pragma omp simd
+            for (int64_t s = 0; s < L; ++s) {
+                REAL x = next[s], y = next[s + 1], z = next[s + 2] + sk[s + 2];
+                REAL m = MAX(MAX(x, y), z);
+                REAL ex = EXP(x - m), ey = EXP(y - m), ez = EXP(z - m);
+                REAL total = ex + ey + ez;
+                REAL wx = ex / total, wy = ey / total, wz = ez / total;
+                wx = wx > TINY ? wx : 0;
+                wy = wy > TINY ? wy : 0;
+                wz = wz > TINY ? wz : 0;
+                now[s] = wx * sum[s] + wy * sum[s + 1] + wz * sum[s + 2];
+            }
+            for (int64_t s = L; s < width; ++s) now[s] = 0;
+        }
+
+        /* carried[2 + s] = E[sum of u before t | state s at t], forwards. */
+        memset(carried, 0, (width + 2) * sizeof(REAL));
+        memset(sum, 0, (width + 2) * sizeof(REAL));
+        for (int64_t t = 0; t < T; ++t) {
+            const REAL *ut = u + t * width, *pt = p + t * width;
+            const REAL *g = later + t * width;
+            REAL *out = hvp + (t * batch + b) * classes;
+            for (int64_t s = 0; s < L; ++s)
+                out[label_of(target, s, blank)] +=
+                    grad[b] * pt[s] * (ut[s] + carried[2 + s] + g[s] - mean);
+            if (t == T - 1) break;
+            for (int64_t s = 0; s < L; ++s) sum[2 + s] = carried[2 + s] + ut[s];
+            const REAL *now = a + t * width;
+#pragma omp simd
+            for (int64_t s = 0; s < L; ++s) {
+                REAL x = now[s] + sk[s], y = now[s + 1], z = now[s + 2];
+                REAL m = MAX(MAX(x, y), z);
+                REAL ex = EXP(x - m), ey = EXP(y - m), ez = EXP(z - m);
+                REAL total = ex + ey + ez;
+                REAL wx = ex / total, wy = ey / total, wz = ez / total;
+                wx = wx > TINY ? wx : 0;
+                wy = wy > TINY ? wy : 0;
+                wz = wz > TINY ? wz : 0;
+                carried[2 + s] = wx * sum[s] + wy * sum[s + 1] + wz * sum[s + 2];
+            }
+        }
+    }
+}
+
+#endif
