@@ -169,7 +169,7 @@ class CompiledCTC:
         batch, frames, width = emissions.shape
         gradient = torch.zeros(shape, dtype=emissions.dtype)
         posterior = torch.empty_like(emissions) if keep_posterior else None
-        row = torch.empty(width, dtype=emissions.dtype)
+        scratch = torch.empty(width, dtype=emissions.dtype)
         self._functions["ctc_gradient", emissions.dtype](
             *(t.data_ptr() for t in (emissions, alpha, beta, log_likelihood)),
             grad.to(emissions.dtype).contiguous().data_ptr(),
@@ -181,7 +181,7 @@ class CompiledCTC:
             shape[2],
             gradient.data_ptr(),
             None if posterior is None else posterior.data_ptr(),
-            row.data_ptr(),
+            scratch.data_ptr(),
         )
         return gradient, posterior
 

@@ -17,6 +17,10 @@
  * loops compute is finite (they are compiled with fast math); NaN and
  * infinite inputs are recognised by their bits.
  *
+ * One thread: threads started per call, over the samples, were slower in a
+ * trial on two cores, which PyTorch's own threads keep busy (they wait
+ * spinning between operations).
+ *
  * This file includes itself once per floating-point type (REAL).
  */
 #ifndef REAL
@@ -86,6 +90,38 @@ static inline int64_t label_of(const int64_t *labels, int64_t s, int64_t blank) 
 
 #else /* the functions, for one REAL type */
 
+/* What the three functions read and write; each fills the fields it needs. */
+typedef struct {
+    const REAL *input; /* (frames, batch, classes): log_probs, or the cotangent */
+    int64_t stride_t, stride_b, stride_c;
+    const int64_t *labels, *input_lengths, *target_lengths;
+    int64_t label_stride, batch, frames, width, blank, classes;
+    REAL *emissions, *alpha, *beta, *skip, *log_likelihood, *posterior;
+    const REAL *grad;
+    REAL *out, *expected; /* (frames, batch, classes), zeroed; (batch,) */
+    uint8_t *nan;
+} NAME(Problem);
+
+/* The weighted sum of a, b, c with the softmax of x, y, z as weights, those
+ * below the smallest normal number zeroed: the expected value carried over
+ * one transition. */
+static inline REAL NAME(transition)(REAL x, REAL y, REAL z, REAL a, REAL b, REAL c) {
+    REAL m = MAX(MAX(x, y), z);
+    REAL ex = EXP(x - m), ey = EXP(y - m), ez = EXP(z - m);
+    REAL total = ex + ey + ez;
+    REAL wx = ex / total, wy = ey / total, wz = ez / total;
+    wx = wx > TINY ? wx : 0;
+    wy = wy > TINY ? wy : 0;
+    wz = wz > TINY ? wz : 0;
+    return wx * a + wy * b + wz * c;
+}
+
+/* log(exp(x) + exp(y) + exp(z)). */
+static inline REAL NAME(log_sum_exp)(REAL x, REAL y, REAL z) {
+    REAL m = MAX(MAX(x, y), z);
+    return m + LOG(EXP(x - m) + EXP(y - m) + EXP(z - m));
+}
+
 /* Posterior of the states of frame t: exp(alpha + beta - emission) over the
  * states, normalised over them (the path is in one state at every frame),
  * alpha and beta taken relative to their maxima before they are added, so
@@ -113,41 +149,23 @@ static void NAME(frame_posterior)(const REAL *alpha, const REAL *beta,
     for (int64_t s = 0; s < states; ++s) posterior[s] /= total;
 }
 
-/* log p(target | input) per sample, with the emissions, alphas, betas and
- * skips kept for the derivatives; nan[b] = 1 where the sample's sequence
- * holds a NaN or +inf (computed as if it were 0, the loss made NaN by the
- * caller). -inf and values below NEG count as NEG. Returns the number of
- * labels outside [0, classes) (their samples are left uncomputed). */
-int64_t NAME(ctc_forward)(const REAL *log_probs, int64_t stride_t, int64_t stride_b,
-                          int64_t stride_c, const int64_t *labels,
-                          int64_t label_stride, const int64_t *input_lengths,
-                          const int64_t *target_lengths, int64_t batch, int64_t frames,
-                          int64_t width, int64_t blank, int64_t classes,
-                          REAL *emissions, REAL *alpha, REAL *beta, REAL *skip,
-                          REAL *log_likelihood, uint8_t *nan) {
-    int64_t invalid = 0;
-    for (int64_t b = 0; b < batch; ++b) {
-        const int64_t T = input_lengths[b], L = 2 * target_lengths[b] + 1;
-        const int64_t *target = labels + b * label_stride;
-        REAL *e = emissions + b * frames * width, *a = alpha + b * frames * width;
-        REAL *be = beta + b * frames * width, *sk = skip + b * width;
-        nan[b] = 0;
-        int64_t outside = 0;
-        for (int64_t i = 0; i < target_lengths[b]; ++i)
-            outside += target[i] < 0 || target[i] >= classes;
-        if (outside) {
-            invalid += outside;
-            continue;
-        }
+static void NAME(forward_samples)(const NAME(Problem) *q) {
+    const int64_t width = q->width, size = q->frames * width;
+    for (int64_t b = 0; b < q->batch; ++b) {
+        const int64_t T = q->input_lengths[b], L = 2 * q->target_lengths[b] + 1;
+        const int64_t *target = q->labels + b * q->label_stride;
+        REAL *e = q->emissions + b * size, *a = q->alpha + b * size;
+        REAL *be = q->beta + b * size, *sk = q->skip + b * width;
+        q->nan[b] = 0;
         for (int64_t s = 0; s < width; ++s)
             sk[s] = s < L && (s & 1) && s >= 3 && target[s >> 1] != target[(s >> 1) - 1]
                         ? 0 : NEG;
         for (int64_t t = 0; t < T; ++t) {
-            const REAL *row = log_probs + t * stride_t + b * stride_b;
+            const REAL *row = q->input + t * q->stride_t + b * q->stride_b;
             for (int64_t s = 0; s < L; ++s) {
-                REAL x = row[label_of(target, s, blank) * stride_c];
+                REAL x = row[label_of(target, s, q->blank) * q->stride_c];
                 if (NOT_FINITE(x) && !MINUS_INFINITY(x)) {
-                    nan[b] = 1;
+                    q->nan[b] = 1;
                     x = 0;
                 }
                 e[t * width + s] = MINUS_INFINITY(x) || x < NEG ? NEG : x;
@@ -155,7 +173,7 @@ int64_t NAME(ctc_forward)(const REAL *log_probs, int64_t stride_t, int64_t strid
             for (int64_t s = L; s < width; ++s) e[t * width + s] = NEG;
         }
         if (T == 0) {
-            log_likelihood[b] = L == 1 ? 0 : NEG;
+            q->log_likelihood[b] = L == 1 ? 0 : NEG;
             continue;
         }
         for (int64_t s = 0; s < width; ++s) a[s] = NEG;
@@ -166,16 +184,13 @@ int64_t NAME(ctc_forward)(const REAL *log_probs, int64_t stride_t, int64_t strid
             REAL *now = a + t * width;
             now[0] = now[1] = NEG;
 #pragma omp simd
-            for (int64_t s = 0; s < L; ++s) {
-                REAL x = before[s + 2], y = before[s + 1], z = before[s] + sk[s];
-                REAL m = MAX(MAX(x, y), z);
-                now[s + 2] = m + LOG(EXP(x - m) + EXP(y - m) + EXP(z - m)) + emission[s];
-            }
+            for (int64_t s = 0; s < L; ++s)
+                now[s + 2] = NAME(log_sum_exp)(before[s + 2], before[s + 1],
+                                               before[s] + sk[s]) + emission[s];
             for (int64_t s = L + 2; s < width; ++s) now[s] = NEG;
         }
-        const REAL *last = a + (T - 1) * width + 2;
-        REAL x = last[L - 1], y = L > 1 ? last[L - 2] : NEG, m = MAX(x, y);
-        log_likelihood[b] = m + LOG(EXP(x - m) + EXP(y - m));
+        const REAL *final = a + (T - 1) * width + 2;
+        q->log_likelihood[b] = NAME(log_sum_exp)(final[L - 1], L > 1 ? final[L - 2] : NEG, NEG);
 
         REAL *end = be + (T - 1) * width;
         for (int64_t s = 0; s < width; ++s) end[s] = NEG;
@@ -185,85 +200,109 @@ int64_t NAME(ctc_forward)(const REAL *log_probs, int64_t stride_t, int64_t strid
             const REAL *after = be + (t + 1) * width, *emission = e + t * width;
             REAL *now = be + t * width;
 #pragma omp simd
-            for (int64_t s = 0; s < L; ++s) {
-                REAL x = after[s], y = after[s + 1], z = after[s + 2] + sk[s + 2];
-                REAL m = MAX(MAX(x, y), z);
-                now[s] = m + LOG(EXP(x - m) + EXP(y - m) + EXP(z - m)) + emission[s];
-            }
+            for (int64_t s = 0; s < L; ++s)
+                now[s] = NAME(log_sum_exp)(after[s], after[s + 1], after[s + 2] + sk[s + 2])
+                         + emission[s];
             for (int64_t s = L; s < width; ++s) now[s] = NEG;
         }
     }
-    return invalid;
+}
+
+/* log p(target | input) per sample, with the emissions, alphas, betas and
+ * skips kept for the derivatives; nan[b] = 1 where the sample's sequence
+ * holds a NaN or +inf (computed as if it were 0, the loss made NaN by the
+ * caller). -inf and values below NEG count as NEG. Returns the number of
+ * labels outside [0, classes), and then computes nothing. */
+int64_t NAME(ctc_forward)(const REAL *log_probs, int64_t stride_t, int64_t stride_b,
+                          int64_t stride_c, const int64_t *labels,
+                          int64_t label_stride, const int64_t *input_lengths,
+                          const int64_t *target_lengths, int64_t batch, int64_t frames,
+                          int64_t width, int64_t blank, int64_t classes,
+                          REAL *emissions, REAL *alpha, REAL *beta,
+                          REAL *skip, REAL *log_likelihood, uint8_t *nan) {
+    int64_t invalid = 0;
+    for (int64_t b = 0; b < batch; ++b)
+        for (int64_t i = 0; i < target_lengths[b]; ++i) {
+            const int64_t label = labels[b * label_stride + i];
+            invalid += label < 0 || label >= classes;
+        }
+    if (invalid) return invalid;
+    NAME(Problem) q = {
+        .input = log_probs, .stride_t = stride_t, .stride_b = stride_b,
+        .stride_c = stride_c, .labels = labels, .input_lengths = input_lengths,
+        .target_lengths = target_lengths, .label_stride = label_stride,
+        .batch = batch, .frames = frames, .width = width, .blank = blank,
+        .classes = classes, .emissions = emissions, .alpha = alpha, .beta = beta,
+        .skip = skip, .log_likelihood = log_likelihood, .nan = nan};
+    NAME(forward_samples)(&q);
+    return 0;
+}
+
+static void NAME(gradient_samples)(const NAME(Problem) *q, REAL *scratch) {
+    const int64_t width = q->width, size = q->frames * width;
+    for (int64_t b = 0; b < q->batch; ++b) {
+        const int64_t T = q->input_lengths[b], L = 2 * q->target_lengths[b] + 1;
+        const int64_t *target = q->labels + b * q->label_stride;
+        if (q->log_likelihood[b] <= NEG / 2) {
+            if (q->posterior) memset(q->posterior + b * size, 0, size * sizeof(REAL));
+            continue;
+        }
+        for (int64_t t = 0; t < q->frames; ++t) {
+            const int64_t at = b * size + t * width;
+            REAL *p = q->posterior ? q->posterior + at : scratch;
+            memset(p, 0, width * sizeof(REAL));
+            if (t >= T) continue;
+            NAME(frame_posterior)(q->alpha + at, q->beta + at, q->emissions + at, L, p);
+            REAL *out = q->out + (t * q->batch + b) * q->classes;
+            for (int64_t s = 0; s < L; ++s)
+                out[label_of(target, s, q->blank)] += p[s] * q->grad[b];
+        }
+    }
 }
 
 /* d log-likelihood / d log_probs times grad[b], into the zeroed (frames,
  * batch, classes) tensor gradient; the states' posteriors also into
  * posterior (same layout as the emissions) unless it is NULL. Zero for
- * infeasible samples (log-likelihood below NEG / 2) and past each input. */
+ * infeasible samples (log-likelihood below NEG / 2) and past each input.
+ * scratch holds width values. */
 void NAME(ctc_gradient)(const REAL *emissions, const REAL *alpha, const REAL *beta,
                         const REAL *log_likelihood, const REAL *grad,
                         const int64_t *labels, int64_t label_stride,
                         const int64_t *input_lengths, const int64_t *target_lengths,
                         int64_t batch, int64_t frames, int64_t width, int64_t blank,
-                        int64_t classes, REAL *gradient, REAL *posterior, REAL *row) {
-    for (int64_t b = 0; b < batch; ++b) {
-        const int64_t T = input_lengths[b], L = 2 * target_lengths[b] + 1;
-        const int64_t *target = labels + b * label_stride;
-        const int64_t offset = b * frames * width;
-        if (log_likelihood[b] <= NEG / 2) {
-            if (posterior)
-                memset(posterior + offset, 0, frames * width * sizeof(REAL));
-            continue;
-        }
-        for (int64_t t = 0; t < frames; ++t) {
-            REAL *p = posterior ? posterior + offset + t * width : row;
-            memset(p, 0, width * sizeof(REAL));
-            if (t >= T) continue;
-            NAME(frame_posterior)(alpha + offset + t * width, beta + offset + t * width,
-                                  emissions + offset + t * width, L, p);
-            REAL *out = gradient + (t * batch + b) * classes;
-            for (int64_t s = 0; s < L; ++s)
-                out[label_of(target, s, blank)] += p[s] * grad[b];
-        }
-    }
+                        int64_t classes, REAL *gradient,
+                        REAL *posterior, REAL *scratch) {
+    NAME(Problem) q = {
+        .labels = labels, .input_lengths = input_lengths,
+        .target_lengths = target_lengths, .label_stride = label_stride,
+        .batch = batch, .frames = frames, .width = width, .blank = blank,
+        .classes = classes, .emissions = (REAL *)emissions, .alpha = (REAL *)alpha,
+        .beta = (REAL *)beta, .log_likelihood = (REAL *)log_likelihood,
+        .posterior = posterior, .grad = grad, .out = gradient};
+    NAME(gradient_samples)(&q, scratch);
 }
 
-/* The Hessian-vector product of the log-likelihood: for the cotangent
- * upstream (frames, batch, classes) of the gradient, u its entries at each
- * state's label and U the sum of u along a path,
- *   hvp = grad[b] posterior (u + E[U before t | s, t] + E[U after t | s, t] - E[U])
- * scattered to the labels (into the zeroed hvp), and expected[b] = E[U]. The
- * two conditional expectations are linear recursions with the posterior
- * transition weights (softmax of alpha over each state's predecessors, of
- * beta over its successors; below the smallest normal number zeroed).
- * scratch holds 2 frames x width + 2 x (width + 2) values. */
-void NAME(ctc_hvp)(const REAL *alpha, const REAL *beta, const REAL *skip,
-                   const REAL *posterior, const REAL *upstream, int64_t stride_t,
-                   int64_t stride_b, int64_t stride_c, const REAL *grad,
-                   const int64_t *labels, int64_t label_stride,
-                   const int64_t *input_lengths, const int64_t *target_lengths,
-                   int64_t batch, int64_t frames, int64_t width, int64_t blank,
-                   int64_t classes, REAL *hvp, REAL *expected, REAL *scratch) {
-    REAL *u = scratch, *later = u + frames * width;
-    REAL *carried = later + frames * width, *sum = carried + width + 2;
-    for (int64_t b = 0; b < batch; ++b) {
-        const int64_t T = input_lengths[b], L = 2 * target_lengths[b] + 1;
-        const int64_t *target = labels + b * label_stride;
-        const int64_t offset = b * frames * width;
-        const REAL *a = alpha + offset, *be = beta + offset, *p = posterior + offset;
-        const REAL *sk = skip + b * width;
+static void NAME(hvp_samples)(const NAME(Problem) *q, REAL *scratch) {
+    const int64_t width = q->width, size = q->frames * width;
+    REAL *u = scratch, *later = u + size;
+    REAL *carried = later + size, *sum = carried + width + 2;
+    for (int64_t b = 0; b < q->batch; ++b) {
+        const int64_t T = q->input_lengths[b], L = 2 * q->target_lengths[b] + 1;
+        const int64_t *target = q->labels + b * q->label_stride;
+        const REAL *a = q->alpha + b * size, *be = q->beta + b * size;
+        const REAL *p = q->posterior + b * size, *sk = q->skip + b * width;
         double total = 0; /* E[U], summed in double: it reaches every entry */
         for (int64_t t = 0; t < T; ++t) {
-            const REAL *row = upstream + t * stride_t + b * stride_b;
+            const REAL *row = q->input + t * q->stride_t + b * q->stride_b;
             REAL *ut = u + t * width;
             for (int64_t s = 0; s < L; ++s) {
-                ut[s] = row[label_of(target, s, blank) * stride_c];
+                ut[s] = row[label_of(target, s, q->blank) * q->stride_c];
                 total += p[t * width + s] * ut[s];
             }
             for (int64_t s = L; s < width; ++s) ut[s] = 0;
         }
         const REAL mean = (REAL)total;
-        expected[b] = mean;
+        q->expected[b] = mean;
         if (T == 0) continue;
 
         /* later[t, s] = E[sum of u after t | state s at t], backwards. */
@@ -275,17 +314,9 @@ void NAME(ctc_hvp)(const REAL *alpha, const REAL *beta, const REAL *skip,
             for (int64_t s = 0; s < width; ++s) sum[s] = g[s] + un[s];
             sum[width] = sum[width + 1] = 0;
 #pragma omp simd
-            for (int64_t s = 0; s < L; ++s) {
-                REAL x = next[s], y = next[s + 1], z = next[s + 2] + sk[s + 2];
-                REAL m = MAX(MAX(x, y), z);
-                REAL ex = EXP(x - m), ey = EXP(y - m), ez = EXP(z - m);
-                REAL total = ex + ey + ez;
-                REAL wx = ex / total, wy = ey / total, wz = ez / total;
-                wx = wx > TINY ? wx : 0;
-                wy = wy > TINY ? wy : 0;
-                wz = wz > TINY ? wz : 0;
-                now[s] = wx * sum[s] + wy * sum[s + 1] + wz * sum[s + 2];
-            }
+            for (int64_t s = 0; s < L; ++s)
+                now[s] = NAME(transition)(next[s], next[s + 1], next[s + 2] + sk[s + 2],
+                                          sum[s], sum[s + 1], sum[s + 2]);
             for (int64_t s = L; s < width; ++s) now[s] = 0;
         }
 
@@ -295,27 +326,47 @@ void NAME(ctc_hvp)(const REAL *alpha, const REAL *beta, const REAL *skip,
         for (int64_t t = 0; t < T; ++t) {
             const REAL *ut = u + t * width, *pt = p + t * width;
             const REAL *g = later + t * width;
-            REAL *out = hvp + (t * batch + b) * classes;
+            REAL *out = q->out + (t * q->batch + b) * q->classes;
             for (int64_t s = 0; s < L; ++s)
-                out[label_of(target, s, blank)] +=
-                    grad[b] * pt[s] * (ut[s] + carried[2 + s] + g[s] - mean);
+                out[label_of(target, s, q->blank)] +=
+                    q->grad[b] * pt[s] * (ut[s] + carried[2 + s] + g[s] - mean);
             if (t == T - 1) break;
             for (int64_t s = 0; s < L; ++s) sum[2 + s] = carried[2 + s] + ut[s];
             const REAL *now = a + t * width;
 #pragma omp simd
-            for (int64_t s = 0; s < L; ++s) {
-                REAL x = now[s] + sk[s], y = now[s + 1], z = now[s + 2];
-                REAL m = MAX(MAX(x, y), z);
-                REAL ex = EXP(x - m), ey = EXP(y - m), ez = EXP(z - m);
-                REAL total = ex + ey + ez;
-                REAL wx = ex / total, wy = ey / total, wz = ez / total;
-                wx = wx > TINY ? wx : 0;
-                wy = wy > TINY ? wy : 0;
-                wz = wz > TINY ? wz : 0;
-                carried[2 + s] = wx * sum[s] + wy * sum[s + 1] + wz * sum[s + 2];
-            }
+            for (int64_t s = 0; s < L; ++s)
+                carried[2 + s] = NAME(transition)(now[s] + sk[s], now[s + 1], now[s + 2],
+                                                  sum[s], sum[s + 1], sum[s + 2]);
         }
     }
+}
+
+/* The Hessian-vector product of the log-likelihood: for the cotangent
+ * upstream (frames, batch, classes) of the gradient, u its entries at each
+ * state's label and U the sum of u along a path,
+ *   hvp = grad[b] posterior (u + E[U before t | s, t] + E[U after t | s, t] - E[U])
+ * scattered to the labels (into the zeroed hvp), and expected[b] = E[U]. The
+ * two conditional expectations are linear recursions with the posterior
+ * transition weights (softmax of alpha over each state's predecessors, of
+ * beta over its successors). scratch holds 2 frames x width + 2 (width + 2)
+ * values. */
+void NAME(ctc_hvp)(const REAL *alpha, const REAL *beta, const REAL *skip,
+                   const REAL *posterior, const REAL *upstream, int64_t stride_t,
+                   int64_t stride_b, int64_t stride_c, const REAL *grad,
+                   const int64_t *labels, int64_t label_stride,
+                   const int64_t *input_lengths, const int64_t *target_lengths,
+                   int64_t batch, int64_t frames, int64_t width, int64_t blank,
+                   int64_t classes, REAL *hvp, REAL *expected,
+                   REAL *scratch) {
+    NAME(Problem) q = {
+        .input = upstream, .stride_t = stride_t, .stride_b = stride_b,
+        .stride_c = stride_c, .labels = labels, .input_lengths = input_lengths,
+        .target_lengths = target_lengths, .label_stride = label_stride,
+        .batch = batch, .frames = frames, .width = width, .blank = blank,
+        .classes = classes, .alpha = (REAL *)alpha, .beta = (REAL *)beta,
+        .skip = (REAL *)skip, .posterior = (REAL *)posterior, .grad = grad,
+        .out = hvp, .expected = expected};
+    NAME(hvp_samples)(&q, scratch);
 }
 
 #endif
