@@ -21,7 +21,11 @@ semantics, and exact first and second derivatives:
 
 Each step is a few in-place kernels on buffers, without an autograd node per
 time step: an autograd graph through the recursion costs several times more
-in Python overhead. The derivatives are those of the log-likelihood with
+in Python overhead. On CPU tensors the same three computations (the
+log-likelihood, its gradient, the Hessian-vector product) are each one call
+of a C kernel instead (:mod:`speechbrain_meta.ctc_kernel`: sample by
+sample, the beta recursion run directly), where it can be built; both are
+tested against each other. The derivatives are those of the log-likelihood with
 respect to ``log_probs`` (tested against autograd on a textbook
 implementation, and with ``gradcheck`` and ``gradgradcheck``); a third
 derivative raises an error.
