@@ -87,8 +87,10 @@ SSL_HPARAMS = [
 ]
 MIB = 2**20
 # Targets of the issue: meta-step / plain training of equal work, MAML / FOMAML
-# at k = 1, differentiable / native CTC.
-FIRST_ORDER_TARGET, MAML_TARGET, CTC_TARGET = 1.15, 2.5, 3.0
+# at k = 1, differentiable / native CTC forward+backward at first and second
+# order.
+FIRST_ORDER_TARGET, MAML_TARGET = 1.15, 2.5
+CTC_TARGETS = {"differentiable": 1.5, "second order": 3.0}
 # Second-order MAML of a partial inner loop (ANIL, LoRA) against first-order
 # training of the whole model, in peak memory.
 PARTIAL_MEMORY_TARGET = 1.5
@@ -543,11 +545,12 @@ def verdicts(
                 f"({ratio:.2f}x)."
             )
     for model in models:
-        ratio = ctc.ratio((model, "differentiable"), (model, "native"))
-        lines.append(
-            f"- Differentiable CTC within {CTC_TARGET}x of native ({model}): "
-            f"{verdict(ratio <= CTC_TARGET)} ({ratio:.2f}x)."
-        )
+        for kind, target in CTC_TARGETS.items():
+            ratio = ctc.ratio((model, kind), (model, "native"))
+            lines.append(
+                f"- CTC, {kind}, within {target}x of native fwd+bwd ({model}): "
+                f"{verdict(ratio <= target)} ({ratio:.2f}x)."
+            )
     return lines
 
 

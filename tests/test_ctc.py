@@ -636,6 +636,28 @@ def test_the_c_kernel_computes_what_the_tensor_operations_do(dtype, monkeypatch)
         )
 
 
+def test_the_c_kernel_reads_strided_inputs(monkeypatch):
+    """Batch-first log-probabilities seen as (T, B, C) and the expanded
+    cotangent that ``sum()`` sends back: the kernel reads them through their
+    strides, without copies, as the tensor operations do."""
+    logits, targets, input_lengths, target_lengths = make_batch()
+    batch_first = logits.detach().transpose(0, 1).contiguous().requires_grad_()
+
+    def values():
+        log_probs = batch_first.log_softmax(-1).transpose(0, 1)
+        loss = ctc_loss_differentiable(
+            log_probs, targets, input_lengths, target_lengths
+        )
+        (grad,) = torch.autograd.grad(loss, batch_first, create_graph=True)
+        (hvp,) = torch.autograd.grad(grad.sum(), batch_first)
+        return loss, grad, hvp
+
+    compiled = values()
+    monkeypatch.setenv("SPEECHBRAIN_META_CTC_KERNEL", "0")
+    for value, expected in zip(compiled, values()):
+        torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("kernel", ["1", "0"])
 def test_a_label_outside_the_classes_is_an_error(kernel, monkeypatch):
     monkeypatch.setenv("SPEECHBRAIN_META_CTC_KERNEL", kernel)
