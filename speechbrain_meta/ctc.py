@@ -707,7 +707,9 @@ def ctc_loss_differentiable(
     dtype = log_probs.dtype
     if dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32
-    labels = _padded_targets(targets.long(), target_lengths, int(target_lengths.max()))
+    labels = _padded_targets(
+        targets.to(device, torch.long), target_lengths, int(target_lengths.max())
+    )
     computed = log_probs[:steps].to(dtype)
     batch_targets = _Targets(
         *(t.contiguous() for t in (labels, input_lengths, target_lengths)), blank

@@ -3,7 +3,7 @@
 :mod:`speechbrain_meta.ctc` computes the log-likelihood, its gradient and
 its Hessian-vector product with tensor operations: a few kernels per time
 step, each a few microseconds of dispatch for a few thousand values, and
-some fifty more around the recursions. ``ctc_loops.c`` computes each of the
+dozens more around the recursions. ``ctc_loops.c`` computes each of the
 three in one call, sample by sample, on one thread, its loops over the
 states vectorised. It is built on first use with the system's C compiler
 (``$CC``, else ``cc`` or ``gcc``: the project's Debian packages include
