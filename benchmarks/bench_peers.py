@@ -38,7 +38,8 @@ episode before anything is timed (``same gradient``: the largest difference
 of an entry relative to the largest entry of our gradient). Then every run is
 timed round-robin as in ``bench_meta_step.py`` (a peer right after ours of
 the same row; ratios are medians of per-round ratios), and its peak memory
-measured in one more call. A peer that is not installed, or that fails, is
+the median of as many measurements, interleaved the same way, each right
+after the implementation's own run. A peer that is not installed, or that fails, is
 reported as such in the table, never left out silently.
 
 Peers are the ``bench`` extra: ``pip install -e ".[bench]" -c constraints.txt``
@@ -51,6 +52,7 @@ Peers are the ``bench`` extra: ``pip install -e ".[bench]" -c constraints.txt``
 import argparse
 import importlib
 import os
+import statistics
 import sys
 import tempfile
 import traceback
@@ -372,6 +374,22 @@ def warm_peak_memory(step: Callable[[], None], device: str) -> int:
     return peak_memory(step, device)
 
 
+def median_peak_memory(
+    steps: Dict[Tuple, Callable[[], None]], rounds: int, device: str
+) -> Dict[Tuple, float]:
+    """Median of ``rounds`` :func:`warm_peak_memory` of each step, in MiB.
+
+    Interleaved like the timings: one measurement of every step per round.
+    On a CPU one measurement moves by a few tenths of a MiB from one call to
+    the next (first order: a percent), more than some of the gaps compared.
+    """
+    measured = {key: [] for key in steps}
+    for _ in range(rounds):
+        for key, step in steps.items():
+            measured[key].append(warm_peak_memory(step, device))
+    return {key: statistics.median(values) / MIB for key, values in measured.items()}
+
+
 def is_number(text: str) -> bool:
     """Whether ``text`` is a number (a gradient difference, not a reason)."""
     try:
@@ -464,10 +482,7 @@ def main(argv: Optional[List[str]] = None) -> str:
             rows += peer_rows(brain, model, episode, args)
         timed = {row[:4]: row.step for row in rows if row.step is not None}
         timings = Timings(timed, args.repeats, args.warmup, args.device)
-        mib = {
-            key: warm_peak_memory(step, args.device) / MIB
-            for key, step in timed.items()
-        }
+        mib = median_peak_memory(timed, args.repeats, args.device)
     report = "\n".join(
         [
             header(args, brains, episode),
