@@ -1,7 +1,7 @@
 """The CTC loss's log-likelihood and derivatives in C, for CPU tensors.
 
-:mod:`speechbrain_meta.ctc` computes the log-likelihood, its gradient and
-its Hessian-vector product with tensor operations: a few kernels per time
+:mod:`speechbrain_meta.ctc_tensors` computes the log-likelihood, its gradient
+and its Hessian-vector product with tensor operations: a few kernels per time
 step, each a few microseconds of dispatch for a few thousand values, and
 dozens more around the recursions. ``ctc_loops.c`` computes each of the
 three in one call, sample by sample, on one thread, its loops over the
@@ -18,15 +18,15 @@ tensors and with ``SPEECHBRAIN_META_CTC_KERNEL=0``.
 Example
 -------
 >>> import torch
->>> from speechbrain_meta import ctc
+>>> from speechbrain_meta.ctc_tensors import Targets, TensorLoops
 >>> log_probs = torch.randn(6, 1, 3, dtype=torch.float64).log_softmax(-1)
->>> targets = ctc._Targets(
+>>> targets = Targets(
 ...     torch.tensor([[1, 2]]), torch.tensor([6]), torch.tensor([2]), blank=0
 ... )
 >>> compiled = kernel()
 >>> compiled is None or torch.allclose(
 ...     compiled.forward(log_probs, targets)[0],
-...     ctc._TensorLoops.forward(log_probs, targets)[0],
+...     TensorLoops.forward(log_probs, targets)[0],
 ... )
 True
 """
@@ -125,7 +125,7 @@ class CompiledCTC:
         ``log_probs`` is ``(T, B, C)``, any strides; ``targets`` has the
         padded ``labels`` ``(B, S)``, ``input_lengths``, ``target_lengths``
         (int64, contiguous, on the CPU) and ``blank`` of
-        :mod:`speechbrain_meta.ctc`.
+        :mod:`speechbrain_meta.ctc_tensors`.
         """
         frames, batch, classes = log_probs.shape
         width = 2 * targets.labels.shape[1] + 3

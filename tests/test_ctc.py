@@ -547,7 +547,7 @@ def test_invalid_arguments_are_rejected():
 def test_compiled_time_loops_equal_the_python_loops():
     """The TorchScript-compiled recursions compute exactly what the Python
     loops do (float32 and float64)."""
-    from speechbrain_meta import ctc
+    from speechbrain_meta import ctc_tensors
 
     generator = torch.Generator().manual_seed(3)
     for dtype in (torch.float32, torch.float64):
@@ -556,8 +556,8 @@ def test_compiled_time_loops_equal_the_python_loops():
         start = torch.randn(14, generator=generator, dtype=dtype)
         weights = torch.rand(3, 29, 12, generator=generator, dtype=dtype)
         for compiled, inputs in (
-            (ctc._alpha_recursion, (emissions, skip, start)),
-            (ctc._prefix_sums, (weights, emissions)),
+            (ctc_tensors._alpha_recursion, (emissions, skip, start)),
+            (ctc_tensors._prefix_sums, (weights, emissions)),
         ):
             assert torch.equal(compiled(*inputs), compiled.python(*inputs))
 
@@ -573,7 +573,7 @@ def second_order_values(**batch):
 
 
 def test_the_loops_run_in_python_where_torchscript_fails(monkeypatch):
-    from speechbrain_meta import ctc
+    from speechbrain_meta import ctc_tensors
 
     monkeypatch.setenv("SPEECHBRAIN_META_CTC_KERNEL", "0")  # the tensor loops
     compiled = second_order_values()
@@ -584,10 +584,11 @@ def test_the_loops_run_in_python_where_torchscript_fails(monkeypatch):
         raise RuntimeError("no TorchScript here")
 
     monkeypatch.setattr(torch.jit, "script", unavailable)
-    monkeypatch.setattr(ctc, "_alpha_recursion", ctc._compiled(ctc._alpha_loop))
-    monkeypatch.setattr(ctc, "_prefix_sums", ctc._compiled(ctc._prefix_sum_loop))
+    loops = (ctc_tensors._alpha_loop, ctc_tensors._prefix_sum_loop)
+    for name, loop in zip(("_alpha_recursion", "_prefix_sums"), loops):
+        monkeypatch.setattr(ctc_tensors, name, ctc_tensors._compiled(loop))
     in_python = second_order_values()
-    assert scripted == [ctc._alpha_loop, ctc._prefix_sum_loop]  # tried, once each
+    assert scripted == list(loops)  # tried, once each
     for value, expected in zip(in_python, compiled):
         torch.testing.assert_close(value, expected, rtol=0, atol=0)
 
