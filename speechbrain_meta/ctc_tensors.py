@@ -377,9 +377,10 @@ class TensorLoops:
         # that whatever they hold (NaN included) reaches neither the loss nor
         # its derivatives, which are zero there.
         clean = emissions.clamp(min=NEG).masked_fill_(plan.outside, 0.0)
-        # A NaN inside a sequence is zeroed for the recursions, which run over
-        # all the samples in one buffer and would carry it into the next ones.
-        nan_entries = clean.isnan()
+        # A NaN (or +inf: no log-probability) inside a sequence makes its
+        # sample NaN, as in the C kernel; it is zeroed for the recursions, which
+        # run over all the samples in one buffer and would carry it on.
+        nan_entries = ~clean.isfinite()
         nan_samples = nan_entries.flatten(2).any(2).any(0)
         clean.masked_fill_(nan_entries, 0.0)
         flat_emissions = _layout(clean, plan, NEG)

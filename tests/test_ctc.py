@@ -179,6 +179,20 @@ def test_nan_inside_a_sequence_is_nan_for_that_sample_only():
     assert torch.isnan(ctc_loss_differentiable(log_probs, *args[:4], "mean", True))
 
 
+@pytest.mark.parametrize("kernel", ["1", "0"])
+def test_plus_infinity_inside_a_sequence_is_nan_for_that_sample(kernel, monkeypatch):
+    """+inf is no log-probability: like NaN, with the C kernel and without."""
+    monkeypatch.setenv("SPEECHBRAIN_META_CTC_KERNEL", kernel)
+    logits, targets, input_lengths, target_lengths = make_batch()
+    log_probs = logits.detach().log_softmax(-1)
+    log_probs[2, 1] = float("inf")  # inside sample 1, every class
+    log_probs[11, 1] = float("inf")  # and past its input length (10): ignored
+    loss = ctc_loss_differentiable(
+        log_probs, targets, input_lengths, target_lengths, reduction="none"
+    )
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[torch.arange(6) != 1]).all()
+
+
 def test_second_derivatives_stay_finite_with_infeasible_and_padding():
     """No NaN in first or second derivatives, whatever the padded frames hold."""
     logits, targets, input_lengths, target_lengths = make_batch()
