@@ -38,9 +38,10 @@ episode before anything is timed (``same gradient``: the largest difference
 of an entry relative to the largest entry of our gradient). Then every run is
 timed round-robin as in ``bench_meta_step.py`` (a peer right after ours of
 the same row; ratios are medians of per-round ratios), and its peak memory
-the median of as many measurements, interleaved the same way, each right
-after the implementation's own run. A peer that is not installed, or that fails, is
-reported as such in the table, never left out silently.
+measured by ``bench_meta_step.peak_memory`` (on the second of two calls of
+its own: the same figure from one measurement to the next). A peer that is
+not installed, or that fails, is reported as such in the table, never left
+out silently.
 
 Peers are the ``bench`` extra: ``pip install -e ".[bench]" -c constraints.txt``
 (learn2learn 0.2.0 does not build on Python 3.11: its generated C includes
@@ -52,7 +53,6 @@ Peers are the ``bench`` extra: ``pip install -e ".[bench]" -c constraints.txt``
 import argparse
 import importlib
 import os
-import statistics
 import sys
 import tempfile
 import traceback
@@ -364,32 +364,6 @@ def peer_rows(brain: MAML, model: str, episode, args) -> List[Row]:
     return rows
 
 
-def warm_peak_memory(step: Callable[[], None], device: str) -> int:
-    """:func:`peak_memory` of ``step`` run just after itself.
-
-    Every implementation is measured in the state its own previous run left
-    (caches, the module's parameters), not another implementation's.
-    """
-    step()
-    return peak_memory(step, device)
-
-
-def median_peak_memory(
-    steps: Dict[Tuple, Callable[[], None]], rounds: int, device: str
-) -> Dict[Tuple, float]:
-    """Median of ``rounds`` :func:`warm_peak_memory` of each step, in MiB.
-
-    Interleaved like the timings: one measurement of every step per round.
-    On a CPU one measurement moves by a few tenths of a MiB from one call to
-    the next (first order: a percent), more than some of the gaps compared.
-    """
-    measured = {key: [] for key in steps}
-    for _ in range(rounds):
-        for key, step in steps.items():
-            measured[key].append(warm_peak_memory(step, device))
-    return {key: statistics.median(values) / MIB for key, values in measured.items()}
-
-
 def is_number(text: str) -> bool:
     """Whether ``text`` is a number (a gradient difference, not a reason)."""
     try:
@@ -482,7 +456,7 @@ def main(argv: Optional[List[str]] = None) -> str:
             rows += peer_rows(brain, model, episode, args)
         timed = {row[:4]: row.step for row in rows if row.step is not None}
         timings = Timings(timed, args.repeats, args.warmup, args.device)
-        mib = median_peak_memory(timed, args.repeats, args.device)
+        mib = {key: peak_memory(step, args.device) / MIB for key, step in timed.items()}
     report = "\n".join(
         [
             header(args, brains, episode),

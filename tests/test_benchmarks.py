@@ -132,6 +132,24 @@ def test_timings_pair_runs_of_each_round(bench):
     assert 2 < timings.ratio("long", "short") < 4
 
 
+def test_peak_memory_counts_the_frees_of_what_the_last_call_left(bench):
+    """A step that replaces a 4 MiB tensor it left before, through a 4 MiB
+    temporary: 4 MiB above the start (the old tensor freed first), every call,
+    as CUDA's allocator counts it; not 8 (the free of a block allocated
+    before a memory profiler was on does not count in the profiler)."""
+    floats = 2**20  # 4 MiB
+    kept = {"x": torch.zeros(floats)}
+
+    def replace():
+        kept["x"] = None
+        temporary = torch.ones(floats)
+        kept["x"] = temporary + 1
+
+    peaks = [bench.peak_memory(replace, "cpu") for _ in range(3)]
+    assert len(set(peaks)) == 1
+    assert peaks[0] == pytest.approx(4 * floats, abs=1024)  # and a few small blocks
+
+
 def test_the_ctc_benchmark_times_the_tensor_loops_beside_the_kernel(tmp_path):
     path = REPO_ROOT / "benchmarks" / "bench_ctc.py"
     spec = importlib.util.spec_from_file_location("bench_ctc", path)
