@@ -331,10 +331,15 @@ def model_runs(model: str, loaded: List[Tuple[str, dict]], args, folder: str):
 class Timings:
     """Round-robin timings: ``repeats`` rounds, each run once per round.
 
+    Every other round runs in reverse order, so that no run is always the
+    one after another's (on this CPU, of two runs the first is 5-20 % slower
+    than the same run second: page faults of what the run before left).
+
     Arguments
     ---------
     runs : dict
-        The callables to time, by name, in the order they run in a round.
+        The callables to time, by name, in the order they run in the first
+        round (reversed in the second, and so on).
     repeats : int
         Number of rounds.
     warmup : int
@@ -344,8 +349,14 @@ class Timings:
     """
 
     def __init__(self, runs: Dict[Hashable, Callable], repeats, warmup, device):
+        backwards = dict(reversed(runs.items()))
         self.rounds = [
-            median_times(runs, 1, warmup if index == 0 else 0, device)
+            median_times(
+                backwards if index % 2 else runs,
+                1,
+                warmup if index == 0 else 0,
+                device,
+            )
             for index in range(repeats)
         ]
 
@@ -358,6 +369,10 @@ class Timings:
         return statistics.median(
             times[name] / times[reference] for times in self.rounds
         )
+
+    def faster_rounds(self, name: Hashable, reference: Hashable) -> int:
+        """Number of rounds in which the run took less time than the reference."""
+        return sum(times[name] < times[reference] for times in self.rounds)
 
 
 def peak_memory(step: Callable[[], None], device: str) -> int:

@@ -21,7 +21,9 @@ the same parameters, for each ``k`` of ``--steps``:
 * ``torch.func``: the tutorial's plain loop, ``functional_call`` with
   ``torch.autograd.grad``;
 * ``torch.func.grad``: the same loop with ``torch.func.grad``;
-* ``learn2learn``: ``MAML(...).clone().adapt(loss)``.
+* ``learn2learn``: ``MAML(...).clone().adapt(loss)``;
+* ``speechbrain-meta again``: ours once more, a control: its ratio to ours
+  is what this machine's noise gives two identical runs.
 
 The loss is the same for all: the recipe's ``compute_forward`` and
 ``compute_objectives`` (``speechbrain_meta.inner_loop.BrainObjective``),
@@ -37,7 +39,10 @@ alike), and each peer's meta-gradient is compared with ours on the same
 episode before anything is timed (``same gradient``: the largest difference
 of an entry relative to the largest entry of our gradient). Then every run is
 timed round-robin as in ``bench_meta_step.py`` (a peer right after ours of
-the same row; ratios are medians of per-round ratios), and its peak memory
+the same row, every other round in reverse order; ratios are medians of
+per-round ratios; ``faster rounds``: in how many rounds the peer took less
+time than ours, and a peer counts as faster than ours only where a two-sided
+sign test over the rounds gives p < 0.05), and its peak memory
 measured by ``bench_meta_step.peak_memory`` (on the second of two calls of
 its own: the same figure from one measurement to the next). A peer that is
 not installed, or that fails, is reported as such in the table, never left
@@ -52,6 +57,7 @@ Peers are the ``bench`` extra: ``pip install -e ".[bench]" -c constraints.txt``
 
 import argparse
 import importlib
+import math
 import os
 import sys
 import tempfile
@@ -91,6 +97,10 @@ DEFAULT_HPARAMS = [
     str(REPO_ROOT / "hparams" / "maml_attention.yaml"),
 ]
 OURS = "speechbrain-meta"
+# Ours again, timed as a peer: the ratio two identical runs get on this machine.
+CONTROL = "speechbrain-meta again"
+# A peer is faster than ours where a sign test over the rounds says so.
+SIGNIFICANCE = 0.05
 # A peer's gradient is the same as ours within float32 rounding of the sums.
 SAME_GRADIENT = 1e-4
 TRAIN = sb.Stage.TRAIN
@@ -266,6 +276,7 @@ PEERS = [
     Peer("torch.func", None, plain_loop),
     Peer("torch.func.grad", None, func_grad),
     Peer("learn2learn", "learn2learn", learn2learn_loop),
+    Peer(CONTROL, None, ours),
 ]
 
 
@@ -373,50 +384,102 @@ def is_number(text: str) -> bool:
     return True
 
 
+def sign_test(wins: int, rounds: int) -> float:
+    """Two-sided sign test: the chance of a split at least as uneven as
+    ``wins`` of ``rounds`` when either run is as likely to win a round.
+
+    Example
+    -------
+    >>> round(sign_test(9, 10), 4), sign_test(5, 10)
+    (0.0215, 1.0)
+    """
+    fewer = min(wins, rounds - wins)
+    tail = sum(math.comb(rounds, i) for i in range(fewer + 1)) / 2**rounds
+    return min(1.0, 2 * tail)
+
+
 def table(rows: List[Row], timings: Timings, mib: Dict[Tuple, float]) -> List[str]:
     """The Markdown table: each peer's time and memory, and ratios to ours."""
+    rounds = len(timings.rounds)
     lines = [
         "| model | algorithm | k | implementation | ms / meta-step | x ours "
-        "| peak MiB | x ours (memory) | same gradient |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| faster rounds | peak MiB | x ours (memory) | same gradient |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         key = row[:4]
         ours_key = (*row[:3], OURS)
         if row.step is None:
             lines.append(
-                f"| {' | '.join(map(str, key))} | - | - | - | - | {row.note} |"
+                f"| {' | '.join(map(str, key))} | - | - | - | - | - | {row.note} |"
             )
             continue
         same = "yes" if float(row.note) <= SAME_GRADIENT else "NO"
+        faster = (
+            "-" if row.peer == OURS
+            else f"{timings.faster_rounds(key, ours_key)}/{rounds}"
+        )  # fmt: skip
         lines.append(
             f"| {' | '.join(map(str, key))} | {timings.ms(key):.0f} "
-            f"| {timings.ratio(key, ours_key):.2f} | {mib[key]:.1f} "
+            f"| {timings.ratio(key, ours_key):.2f} | {faster} | {mib[key]:.1f} "
             f"| {mib[key] / mib[ours_key]:.2f} | {same} ({row.note}) |"
         )
     return lines
 
 
 def verdicts(rows: List[Row], timings: Timings, mib: Dict[Tuple, float]) -> List[str]:
-    """Where we are at most each peer in time and in memory, and where not."""
-    lines = []
-    for what, ratio in (
-        ("time", lambda key, ours_key: timings.ratio(key, ours_key)),
-        ("peak memory", lambda key, ours_key: mib[key] / mib[ours_key]),
-    ):
-        lost = [
-            f"{' '.join(map(str, row[:4]))} ({ratio(row[:4], (*row[:3], OURS)):.2f}x)"
-            for row in rows
-            if row.step is not None
-            and row.peer != OURS
-            and ratio(row[:4], (*row[:3], OURS)) < 1
-        ]
-        verdict = "met" if not lost else "MISSED where a peer is below ours: "
-        lines.append(
-            f"- Our {what} at most every peer's on every row: {verdict}"
-            + ", ".join(lost)
-            + ("" if not lost else ".")
+    """Where we are at most each peer in time and in memory, and where not.
+
+    A peer is faster than ours on a row where it took less time in so many
+    rounds that a sign test gives p < ``SIGNIFICANCE``; a median ratio below
+    1 without that is listed as within noise, beside the control's ratios
+    (ours against itself). A peer is below ours in memory by any byte.
+    """
+    peers = [
+        (row[:4], (*row[:3], OURS))
+        for row in rows
+        if row.step is not None and row.peer not in (OURS, CONTROL)
+    ]
+    rounds = len(timings.rounds)
+    faster, noise = [], []
+    for key, ours_key in peers:
+        ratio = timings.ratio(key, ours_key)
+        wins = timings.faster_rounds(key, ours_key)
+        if ratio >= 1:
+            continue
+        text = f"{' '.join(map(str, key))} ({ratio:.2f}x, {wins}/{rounds} rounds)"
+        significant = wins > rounds / 2 and sign_test(wins, rounds) < SIGNIFICANCE
+        (faster if significant else noise).append(text)
+    control = [
+        timings.ratio(row[:4], (*row[:3], OURS))
+        for row in rows
+        if row.step is not None and row.peer == CONTROL
+    ]
+    verdict = ", ".join(faster) if faster else None
+    lines = [
+        "- Our time at most every peer's on every row: "
+        + (f"MISSED where a peer is faster: {verdict}" if verdict else "met")
+        + f" (a peer is faster where a sign test over the {rounds} rounds gives "
+        f"p < {SIGNIFICANCE}). Below 1.00x within noise: "
+        + (", ".join(noise) if noise else "none")
+        + (
+            f". Ours against itself (the control): {min(control):.2f}-"
+            f"{max(control):.2f}x."
+            if control
+            else "."
         )
+    ]
+    below = [
+        f"{' '.join(map(str, key))} ({mib[key] / mib[ours_key]:.2f}x, "
+        f"{(mib[ours_key] - mib[key]) * 1024:.1f} KiB less)"
+        for key, ours_key in peers
+        if mib[key] < mib[ours_key]
+    ]
+    verdict = ", ".join(below) if below else None
+    lines.append(
+        "- Our peak memory at most every peer's on every row: "
+        + (f"MISSED where a peer is below ours: {verdict}." if verdict else "met.")
+    )
     return lines
 
 

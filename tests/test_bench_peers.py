@@ -74,8 +74,10 @@ def test_table_has_every_row_and_ours_is_the_reference(bench, report):
 
 
 @pytest.mark.parametrize(
-    "peer", ["higher", "torchopt", "torchopt MetaSGD", "torch.func", "torch.func.grad"]
-)
+    "peer",
+    ["higher", "torchopt", "torchopt MetaSGD", "torch.func", "torch.func.grad",
+     bench_peers.CONTROL],
+)  # fmt: skip
 def test_peer_meta_gradient_equals_ours(bench, report, peer):
     rows = rows_of(report, peer)
     assert len(rows) == 4
@@ -125,3 +127,36 @@ def test_meta_gradients_are_allclose_on_the_same_episode(bench, tiny_corpus, tmp
         for grads in peers:
             for g, reference in zip(grads, ours):
                 torch.testing.assert_close(g, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_a_peer_is_faster_only_where_a_sign_test_says_so(bench):
+    """Peer A is faster in 10 of 10 rounds (MISSED), B in 6 of 10 with a lower
+    median (within noise), C never; memory: B is one KiB below ours."""
+    row = ("ctc", "MAML", 1)
+    ours, a, b, c, control = (
+        (*row, name) for name in (bench.OURS, "A", "B", "C", bench.CONTROL)
+    )
+    timings = bench.Timings({}, repeats=0, warmup=0, device="cpu")
+    timings.rounds = [
+        {ours: 1.0, a: 0.9, b: 0.95 if index < 6 else 1.01, c: 1.2, control: 1.0}
+        for index in range(10)
+    ]
+    rows = [
+        bench.Row(*key, step=print, note="0.0e+00") for key in (ours, a, b, c, control)
+    ]
+    mib = {ours: 10.0, a: 10.0, b: 10.0 - 1 / 1024, c: 11.0, control: 10.0}
+    time, memory = bench.verdicts(rows, timings, mib)
+    assert time.startswith(
+        "- Our time at most every peer's on every row: MISSED where a peer is "
+        "faster: ctc MAML 1 A (0.90x, 10/10 rounds) (a peer is faster where a sign "
+        "test over the 10 rounds gives p < 0.05). Below 1.00x within noise: "
+        "ctc MAML 1 B (0.95x, 6/10 rounds). Ours against itself (the control): "
+        "1.00-1.00x."
+    ), time
+    assert memory == (
+        "- Our peak memory at most every peer's on every row: MISSED where a peer "
+        "is below ours: ctc MAML 1 B (1.00x, 1.0 KiB less)."
+    )
+    table = "\n".join(bench.table(rows, timings, mib))
+    assert "| ctc | MAML | 1 | A | 900 | 0.90 | 10/10 | 10.0 | 1.00 | yes" in table
+    assert bench.sign_test(10, 10) < 0.05 < bench.sign_test(6, 10)

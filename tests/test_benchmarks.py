@@ -118,7 +118,7 @@ def test_benchmark_compares_partial_inner_loops_with_the_whole_model(
     assert "anil_ctc 0.89 M (0.041 M fast weights)" in report
 
 
-def test_timings_pair_runs_of_each_round(bench):
+def test_timings_pair_runs_of_each_round_and_reverse_every_other(bench):
     calls = []
     runs = {
         name: (
@@ -127,7 +127,8 @@ def test_timings_pair_runs_of_each_round(bench):
         for name, seconds in (("short", 0.01), ("long", 0.03))
     }
     timings = bench.Timings(runs, repeats=3, warmup=1, device="cpu")
-    assert calls == ["short", "long"] * 4
+    # warm-up, then the rounds: forward, backward, forward
+    assert calls == ["short", "long"] * 2 + ["long", "short"] + ["short", "long"]
     assert timings.ms("long") >= 30
     assert 2 < timings.ratio("long", "short") < 4
 
