@@ -154,13 +154,15 @@ class MAML(MetaBrain):
         with context:
             try:
                 weights = self.multi_step_weights()
+                # Without the support loss (Reptile's report): its scalar
+                # would otherwise live on through the query pass, the peak.
                 adapted = self.inner_loop(
                     task.support,
                     self.inner_steps,
                     self.inner_rate,
                     create_graph=not self.first_order,
                     keep_trajectory=weights is not None,
-                )
+                )._replace(loss=None)
                 body = self.body_pass(task.query, adapted.buffers)
                 if weights is None:
                     loss = self.task_loss(

@@ -61,7 +61,7 @@ tensor([2.2500], grad_fn=<AddBackward0>)
 
 import sys
 from contextlib import ExitStack, contextmanager
-from typing import Callable, Dict, Iterator, NamedTuple, Tuple, Union
+from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch.func import functional_call
@@ -370,8 +370,9 @@ class AdaptedWeights(NamedTuple):
         meta-parameters.
     buffers : dict
         Copies of the modules' buffers as the inner loop left them.
-    loss : torch.Tensor
-        The support loss of the last inner step.
+    loss : torch.Tensor or None
+        The support loss of the last inner step (None where a caller that
+        does not need it dropped it, so that it is freed).
     trajectory : tuple of dict
         With ``keep_trajectory``, the fast weights after each step (the last
         is ``parameters``), for a loss after every step (MAML++'s multi-step
@@ -380,7 +381,7 @@ class AdaptedWeights(NamedTuple):
 
     parameters: Tensors
     buffers: Tensors
-    loss: torch.Tensor
+    loss: Optional[torch.Tensor]
     trajectory: Tuple[Tensors, ...] = ()
 
 
