@@ -600,7 +600,7 @@ def sgd_steps(
     """
     rate = lr if callable(lr) else (lambda name, step: lr)
     weights = parameters
-    value = torch.zeros(())
+    value = None  # no tensor yet: a placeholder would outlive the first step
     trajectory = []
     for step in range(steps):
         if checkpoint_steps and create_graph:
@@ -611,4 +611,5 @@ def sgd_steps(
             value, weights = _sgd_step(loss, weights, buffers, rate, step, create_graph)
         if keep_trajectory:
             trajectory.append(weights)
-    return AdaptedWeights(weights, buffers, value.detach(), tuple(trajectory))
+    last_loss = torch.zeros(()) if value is None else value.detach()
+    return AdaptedWeights(weights, buffers, last_loss, tuple(trajectory))
