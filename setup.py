@@ -26,6 +26,7 @@ setup(
         "sentencepiece>=0.1.99",
         "tqdm>=4.42",
         "soundfile>=0.12",
+        "scipy>=1.4.1",
     ],
     extras_require={
         "dev": ["pytest>=7", "pytest-xdist>=3", "ruff>=0.4"],

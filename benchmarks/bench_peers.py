@@ -57,7 +57,6 @@ Peers are the ``bench`` extra: ``pip install -e ".[bench]" -c constraints.txt``
 
 import argparse
 import importlib
-import math
 import os
 import sys
 import tempfile
@@ -68,6 +67,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import speechbrain as sb
 import torch
+from scipy.stats import binomtest
 from torch.func import functional_call
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -385,17 +385,16 @@ def is_number(text: str) -> bool:
 
 
 def sign_test(wins: int, rounds: int) -> float:
-    """Two-sided sign test: the chance of a split at least as uneven as
-    ``wins`` of ``rounds`` when either run is as likely to win a round.
+    """Two-sided sign test (``scipy.stats.binomtest``): the chance of a split
+    at least as uneven as ``wins`` of ``rounds`` when either run is as likely
+    to win a round.
 
     Example
     -------
     >>> round(sign_test(9, 10), 4), sign_test(5, 10)
     (0.0215, 1.0)
     """
-    fewer = min(wins, rounds - wins)
-    tail = sum(math.comb(rounds, i) for i in range(fewer + 1)) / 2**rounds
-    return min(1.0, 2 * tail)
+    return float(binomtest(wins, rounds).pvalue)
 
 
 def table(rows: List[Row], timings: Timings, mib: Dict[Tuple, float]) -> List[str]:
@@ -448,8 +447,7 @@ def verdicts(rows: List[Row], timings: Timings, mib: Dict[Tuple, float]) -> List
             and (row.peer == CONTROL) == control
         ]
 
-    def passes(key: Tuple, ours_key: Tuple) -> bool:
-        wins = timings.faster_rounds(key, ours_key)
+    def significant(wins: int) -> bool:
         return wins > rounds / 2 and sign_test(wins, rounds) < SIGNIFICANCE
 
     peers = pairs(control=False)
@@ -459,14 +457,14 @@ def verdicts(rows: List[Row], timings: Timings, mib: Dict[Tuple, float]) -> List
         if ratio < 1:
             wins = timings.faster_rounds(key, ours_key)
             text = f"{' '.join(map(str, key))} ({ratio:.2f}x, {wins}/{rounds} rounds)"
-            (faster if passes(key, ours_key) else noise).append(text)
+            (faster if significant(wins) else noise).append(text)
     control = pairs(control=True)
     ratios = [timings.ratio(key, ours_key) for key, ours_key in control]
+    control_wins = [(key, timings.faster_rounds(key, o)) for key, o in control]
     alarms = [
-        f"{' '.join(map(str, key[:3]))} "
-        f"({timings.faster_rounds(key, ours_key)}/{rounds} rounds)"
-        for key, ours_key in control
-        if passes(key, ours_key)
+        f"{' '.join(map(str, key[:3]))} ({wins}/{rounds} rounds)"
+        for key, wins in control_wins
+        if significant(wins)
     ]
     verdict = ", ".join(faster) if faster else None
     lines = [
