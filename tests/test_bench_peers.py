@@ -152,7 +152,7 @@ def test_a_peer_is_faster_only_where_a_sign_test_says_so(bench):
         "faster: ctc MAML 1 A (0.90x, 10/10 rounds) (a peer is faster where a sign "
         "test over the 10 rounds gives p < 0.05). Below 1.00x within noise: "
         "ctc MAML 1 B (0.95x, 6/10 rounds). Ours against itself (the control): "
-        "0.90-0.90x, faster than ours by the same test on ctc MAML 1 (10/10 rounds)."
+        "0.90-0.90x, faster than ours by the sign test on ctc MAML 1 (10/10 rounds)."
     ), time
     assert memory == (
         "- Our peak memory at most every peer's on every row: MISSED where a peer "
@@ -161,3 +161,42 @@ def test_a_peer_is_faster_only_where_a_sign_test_says_so(bench):
     table = "\n".join(bench.table(rows, timings, mib))
     assert "| ctc | MAML | 1 | A | 900 | 0.90 | 10/10 | 10.0 | 1.00 | yes" in table
     assert bench.sign_test(10, 10) < 0.05 < bench.sign_test(6, 10)
+
+
+def test_pairs_the_sign_test_flags_are_timed_again_and_count_only_if_confirmed(bench):
+    """A and the control are flagged in the screening rounds (10/10), B is
+    not (6/10): only A, the control and ours run again; A is faster again
+    (MISSED, confirmed), the control is not (a false alarm not confirmed)."""
+    row = ("ctc", "MAML", 1)
+    names = (bench.OURS, "A", "B", bench.CONTROL)
+    ours, a, b, control = ((*row, name) for name in names)
+    calls = []
+    rows = [
+        bench.Row(*key, step=lambda key=key: calls.append(key), note="0.0e+00")
+        for key in (ours, a, b, control)
+    ]
+    timings = bench.Timings({}, repeats=0, warmup=0, device="cpu")
+    timings.rounds = [
+        {ours: 1.0, a: 0.9, b: 0.95 if index < 6 else 1.01, control: 0.9}
+        for index in range(10)
+    ]
+    confirmation = bench.retime_faster(rows, timings, repeats=3, warmup=1, device="cpu")
+    assert sorted(set(calls)) == sorted([ours, a, control])
+    assert len(confirmation.rounds) == 3
+    assert set(confirmation.rounds[0]) == {ours, a, control}
+    confirmation.rounds = [
+        {ours: 1.0, a: 0.9, control: 1.1 if index < 5 else 0.9} for index in range(10)
+    ]
+    time, _ = bench.verdicts(rows, timings, {key: 1.0 for key in (ours, a, b, control)},
+                             confirmation)  # fmt: skip
+    assert time == (
+        "- Our time at most every peer's on every row: MISSED where a peer is "
+        "faster: ctc MAML 1 A (0.90x, 10/10 rounds, confirmed: 10/10 fresh rounds) "
+        "(a peer is faster where a sign test over the 10 rounds gives p < 0.05, and "
+        "again over fresh rounds of the pairs it flags). Below 1.00x within noise: "
+        "ctc MAML 1 B (0.95x, 6/10 rounds). Ours against itself (the control): "
+        "0.90-0.90x, faster than ours by the sign test on ctc MAML 1 (10/10 rounds, "
+        "not confirmed: 5/10 fresh rounds)."
+    ), time
+    timings.rounds = [{ours: 1.0, a: 1.1, b: 1.0, control: 1.0}] * 10
+    assert bench.retime_faster(rows, timings, 3, 1, "cpu") is None
