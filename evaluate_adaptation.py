@@ -16,8 +16,10 @@ and runs its stages in order, each a subprocess into its own folder under
    ``adapt.py`` into ``<output_folder>/adapt/<target>/<budget>/<init>``, with
    the same adaptation YAML and options for every init (unless
    ``adapt_hparams_of`` / ``adapt_overrides_of`` give an init its own, e.g. a
-   LoRA model's YAML) and the character encoder of the first trained init for
-   all of them;
+   LoRA model's YAML); each init with a checkpoint keeps its own character
+   encoder (all must agree), a random one takes a copy of theirs,
+   ``<output_folder>/label_encoder.txt``, so that adding an init leaves the
+   others' finished stages finished;
 4. ``adaptation.csv`` (``init, target, budget, step, cer, wer``),
    ``summary.csv`` (:mod:`speechbrain_meta.study`: CER over seeds, paired
    difference against the multitask baseline of each init's ``regimes``
@@ -64,12 +66,12 @@ from speechbrain_meta.errors import SetupError
 from speechbrain_meta.experiment import experiment, run_script
 from speechbrain_meta.hparams import load_hparams
 from speechbrain_meta.protocol import (
+    adaptation_encoders,
     budget_label,
     init_parameters,
     parse_budget,
     plot_curves,
     read_results,
-    reference_encoder,
     report_markdown,
     write_results,
 )
@@ -248,7 +250,7 @@ def run_seed(hparams: dict, run_opts, adapted: list) -> dict:
     if not is_main_rank():
         return {"train": trained, "adapt": {}}
     checkpoints = {init: checkpoints[init] for init in adapted}
-    encoder_file = reference_encoder(checkpoints)
+    encoders = adaptation_encoders(checkpoints, out)
 
     folders = {}
     runs = [
@@ -264,7 +266,7 @@ def run_seed(hparams: dict, run_opts, adapted: list) -> dict:
         options = {
             "init_name": init,
             "init_checkpoint": checkpoints[init],
-            "label_encoder_file": encoder_file,
+            "label_encoder_file": encoders[init],
             "target_name": target,
             "target": hparams["targets"][target]["task"],
             "data_folder": hparams["targets"][target]["data_folder"],
@@ -281,7 +283,7 @@ def run_seed(hparams: dict, run_opts, adapted: list) -> dict:
         name = f"Adaptation {number}/{len(runs)} ({init} -> {target}, {label})"
         if len(hparams.get("seeds") or ()) > 1:
             name += f", seed {hparams['seed']}"
-        inputs = [init_parameters(options, "init_checkpoint"), encoder_file]
+        inputs = [init_parameters(options, "init_checkpoint"), encoders[init]]
         run_stage(name, folder, ADAPT, args, inputs)
         folders[(target, label, init)] = folder
     return {"train": trained, "adapt": folders}

@@ -7,8 +7,8 @@ and writes those rows (:func:`write_results`, :func:`read_results`), turns
 them into a Markdown report (:func:`report_markdown`) and PNG plots of CER
 against adaptation steps (:func:`plot_curves`), and records which stages of
 the protocol's initialisations start from: their parameter files
-(:func:`init_parameters`) and the one character encoder they share
-(:func:`reference_encoder`).
+(:func:`init_parameters`) and the character encoder each is adapted with
+(:func:`adaptation_encoders`).
 
 Example
 -------
@@ -28,6 +28,7 @@ True
 import csv
 import os
 import re
+import shutil
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -39,13 +40,13 @@ from speechbrain_meta.errors import SetupError
 __all__ = [
     "RESULT_FIELDS",
     "SEEDED_FIELDS",
+    "adaptation_encoders",
     "budget_label",
     "final_points",
     "parse_budget",
     "init_parameters",
     "plot_curves",
     "read_results",
-    "reference_encoder",
     "report_markdown",
     "write_results",
 ]
@@ -441,37 +442,61 @@ def init_parameters(options: dict, key: str) -> Optional[str]:
     ).paramfile
 
 
-def reference_encoder(checkpoints: dict) -> Optional[str]:
-    """The label encoder of the first init with a checkpoint; all must agree.
+def adaptation_encoders(checkpoints: dict, folder: str) -> Dict[str, Optional[str]]:
+    """The ``label_encoder.txt`` each initialisation is adapted with.
+
+    An initialisation with a checkpoint keeps its own encoder; a random one
+    (no checkpoint) takes a copy of theirs, ``<folder>/label_encoder.txt``,
+    rewritten only when its labels change. So an adaptation's settings depend
+    on its own initialisation alone: adding, removing or reordering the
+    others leaves a finished stage finished.
 
     Arguments
     ---------
     checkpoints : dict
         Init name -> checkpoint path (see ``adapt.py``), None if random.
+    folder : str
+        Where the random initialisations' copy goes (the protocol's output).
 
     Returns
     -------
-    str or None
-        The ``label_encoder.txt`` that every adaptation uses (None if every
-        init is random).
+    dict
+        Init name -> encoder file (None for a random init when every init is
+        random).
 
     Raises
     ------
     speechbrain_meta.errors.SetupError
         If two initialisations have different character encoders.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> from speechbrain.dataio.encoder import CTCTextEncoder
+    >>> runs = tempfile.mkdtemp()
+    >>> checkpoints = {"random": None}
+    >>> for name in ("maml", "multitask"):
+    ...     os.makedirs(f"{runs}/{name}/save/CKPT+1")
+    ...     checkpoints[name] = f"{runs}/{name}/save/CKPT+1/model.ckpt"
+    ...     open(checkpoints[name], "wb").close()
+    ...     encoder = CTCTextEncoder()
+    ...     encoder.update_from_iterable("ab", sequence_input=True)
+    ...     encoder.insert_blank(index=0)
+    ...     encoder.save(f"{runs}/{name}/save/label_encoder.txt")
+    >>> files = adaptation_encoders(checkpoints, runs)
+    >>> [os.path.relpath(files[name], runs) for name in ("maml", "random")]
+    ['maml/save/label_encoder.txt', 'label_encoder.txt']
     """
     files = {
         name: find_init_checkpoint(path).label_encoder_file
         for name, path in checkpoints.items()
         if path is not None
     }
-    if not files:
-        return None
     mappings = {
         name: sb.dataio.encoder.CTCTextEncoder.from_saved(path).lab2ind
         for name, path in files.items()
     }
-    first = next(iter(files))
+    first = next(iter(files), None)
     for name, mapping in mappings.items():
         if mapping != mappings[first]:
             raise SetupError(
@@ -479,4 +504,17 @@ def reference_encoder(checkpoints: dict) -> Optional[str]:
                 f"character encoders ({files[first]}, {files[name]}): train them "
                 "on the same source data so that their results are comparable."
             )
-    return files[first]
+    random = [name for name, path in checkpoints.items() if path is None]
+    shared = None
+    if random and files:
+        shared = os.path.join(folder, "label_encoder.txt")
+        if not (
+            os.path.isfile(shared)
+            and sb.dataio.encoder.CTCTextEncoder.from_saved(shared).lab2ind
+            == mappings[first]
+        ):
+            os.makedirs(folder, exist_ok=True)
+            partial = f"{shared}.{os.getpid()}.tmp"
+            shutil.copyfile(files[first], partial)
+            os.replace(partial, shared)
+    return {**files, **dict.fromkeys(random, shared)}

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import matplotlib.image
 import pytest
@@ -379,6 +380,39 @@ def test_protocol_trains_from_another_init_and_reruns_stale_stages(
     (aside,) = adapted.parent.glob("continued.replaced-*")
     assert (aside / "stale").read_text() == "from the first run"
     assert {r["step"] for r in read_results(aside / "curve.csv")} == {0, 1}
+
+
+def test_an_init_added_in_front_reruns_no_other_adaptation(
+    init_run, tiny_corpus, tmp_path
+):
+    """Each init is adapted with its own character encoder, a random one with
+    the protocol's copy: adding an init before the others (whose encoder is
+    the same file elsewhere) leaves their finished adaptations finished."""
+    protocol = tmp_path / "protocol.yaml"
+    out = tmp_path / "out"
+    text = PROTOCOL.format(
+        out=out, init=init_run, data=tiny_corpus["data_folder"], adapt=ADAPT_YAML
+    ).replace("budgets: [3, 6]", "budgets: [3]")
+    protocol.write_text(text)
+    evaluate_adaptation.main([str(protocol), "--noprogressbar"])
+    copy = tmp_path / "copy"
+    shutil.copytree(init_run, copy)
+    protocol.write_text(text.replace("inits:\n", f"inits:\n    copy: {copy}\n"))
+    outputs = evaluate_adaptation.main([str(protocol), "--noprogressbar"])
+
+    assert not list((out / "adapt").rglob("*.replaced-*"))
+    rows = read_results(outputs["csv"])
+    assert {row["init"] for row in rows} == {"copy", "trained", "random"}
+    adapted = out / "adapt" / "cs" / "3utt"
+    encoder = {
+        init: json.loads((adapted / init / "stage.json").read_text())["settings"][
+            "inputs_sha256"
+        ]
+        for init in ("copy", "trained", "random")
+    }
+    assert str(copy / "save" / "label_encoder.txt") in encoder["copy"]
+    assert os.path.join(init_run, "save", "label_encoder.txt") in encoder["trained"]
+    assert str(out / "label_encoder.txt") in encoder["random"]
 
 
 def test_protocol_rejects_unknown_adapted_inits(init_run, tiny_corpus, tmp_path):
