@@ -486,6 +486,11 @@ def adaptation_encoders(checkpoints: dict, folder: str) -> Dict[str, Optional[st
     >>> files = adaptation_encoders(checkpoints, runs)
     >>> [os.path.relpath(files[name], runs) for name in ("maml", "random")]
     ['maml/save/label_encoder.txt', 'label_encoder.txt']
+    >>> _ = encoder.add_label("c")
+    >>> encoder.save(f"{runs}/multitask/save/label_encoder.txt")
+    >>> adaptation_encoders(checkpoints, runs)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    speechbrain_meta.errors.SetupError: The initialisations 'maml' and ...
     """
     files = {
         name: find_init_checkpoint(path).label_encoder_file
