@@ -277,16 +277,17 @@ def init_regimes(hparams: dict, adapted: Sequence[str]) -> Tuple[dict, dict]:
     Arguments
     ---------
     hparams : dict
-        The protocol YAML: ``regimes`` (init -> regime; default: every init
-        in one regime, ``all``) and ``baselines`` (regime -> init; default
-        ``{all: multitask}`` when ``multitask`` is adapted, else none).
+        The protocol YAML: ``regimes`` (init -> regime, or a list of regimes
+        for an init compared with the baselines of several; default: every
+        init in one regime, ``all``) and ``baselines`` (regime -> init;
+        default ``{all: multitask}`` when ``multitask`` is adapted, else none).
     adapted : sequence of str
         The adapted inits.
 
     Returns
     -------
     tuple
-        ``(regimes, baselines)``.
+        ``(regimes, baselines)``, ``regimes`` as init -> list of regimes.
 
     Raises
     ------
@@ -297,26 +298,41 @@ def init_regimes(hparams: dict, adapted: Sequence[str]) -> Tuple[dict, dict]:
     Example
     -------
     >>> init_regimes({}, ["maml", "multitask"])
-    ({'maml': 'all', 'multitask': 'all'}, {'all': 'multitask'})
+    ({'maml': ['all'], 'multitask': ['all']}, {'all': 'multitask'})
+
+    An init adapted two ways' baselines can share one meta-learnt init:
+
+    >>> init_regimes(
+    ...     {"regimes": {"lora": ["full", "lora"], "mt": "full", "mt_lora": "lora"},
+    ...      "baselines": {"full": "mt", "lora": "mt_lora"}},
+    ...     ["lora", "mt", "mt_lora"],
+    ... )[0]
+    {'lora': ['full', 'lora'], 'mt': ['full'], 'mt_lora': ['lora']}
     """
-    regimes = hparams.get("regimes") or {init: "all" for init in adapted}
-    missing = [init for init in adapted if init not in regimes]
-    unknown = [init for init in regimes if init not in adapted]
+    given = hparams.get("regimes") or {init: "all" for init in adapted}
+    missing = [init for init in adapted if init not in given]
+    unknown = [init for init in given if init not in adapted]
     if missing or unknown:
         raise SetupError(
             f"regimes must name every adapted init once: missing {missing}, "
             f"not adapted {unknown}."
         )
+    regimes = {init: _regime_list(value) for init, value in given.items()}
     baselines = hparams.get("baselines")
     if not baselines:  # the default: multitask, when it is adapted
-        return dict(regimes), {"all": "multitask"} if "multitask" in adapted else {}
+        return regimes, {"all": "multitask"} if "multitask" in adapted else {}
     for regime, base in baselines.items():
-        if regimes.get(base) != regime:
+        if regime not in regimes.get(base, []):
             raise SetupError(
                 f"The baseline of regime '{regime}', '{base}', is not an adapted "
                 f"init of that regime (regimes: {regimes})."
             )
-    return dict(regimes), dict(baselines)
+    return regimes, dict(baselines)
+
+
+def _regime_list(value) -> List[str]:
+    """An init's regimes: one name or a list of them."""
+    return [value] if isinstance(value, str) else list(value)
 
 
 # -------------------------------------------------------------- statistics
@@ -450,9 +466,10 @@ def summary_rows(
     seed) over seeds, and, for every init but its regime's baseline,
     ``diff_vs_multitask`` (CER points of the pooled edits of the paired
     seeds and utterances, init minus baseline) with the 95 % bootstrap
-    interval ``ci_low``, ``ci_high`` of :func:`bootstrap_difference`. A
-    stage without per-utterance scores gives the difference of the mean
-    CERs and no interval.
+    interval ``ci_low``, ``ci_high`` of :func:`bootstrap_difference`. An
+    init of several regimes has these rows once per regime, each against
+    that regime's baseline. A stage without per-utterance scores gives the
+    difference of the mean CERs and no interval.
 
     Arguments
     ---------
@@ -463,7 +480,7 @@ def summary_rows(
     selected : dict
         ``(seed, target, budget, init) -> step kept``.
     regimes, baselines : dict
-        Of :func:`init_regimes`.
+        Of :func:`init_regimes` (a regime may also be given as one name).
 
     Returns
     -------
@@ -487,38 +504,57 @@ def summary_rows(
         key = (row["target"], row["budget"], row["init"])
         curves[key].setdefault(row["seed"], {})[row["step"]] = row["cer"]
     summary = []
-    for (target, budget, init), by_seed in curves.items():
-        steps = sorted({step for curve in by_seed.values() for step in curve})
-        base = baselines.get(regimes[init])
-        base_curves = curves.get((target, budget, base), {}) if base != init else {}
-        for step in [*steps, SELECTED]:
-            points = _points(by_seed, step, (target, budget, init), selected)
-            if not points:
-                continue
-            cers = [cer for cer, _ in points.values()]
-            diff = low = high = None
-            if base_curves:
-                theirs = _points(base_curves, step, (target, budget, base), selected)
-                diff, low, high = _paired_difference(
-                    _with_scores(points, scores, (target, budget, init)),
-                    _with_scores(theirs, scores, (target, budget, base)),
-                )
-            summary.append(
-                {
-                    "regime": regimes[init],
-                    "target": target,
-                    "budget": budget,
-                    "init": init,
-                    "step": step,
-                    "seeds": len(points),
-                    "mean_cer": float(np.mean(cers)),
-                    "sd_cer": float(np.std(cers, ddof=1)) if len(cers) > 1 else None,
-                    "diff_vs_multitask": diff,
-                    "ci_low": low,
-                    "ci_high": high,
-                }
+    for target, budget, init in curves:
+        for regime in _regime_list(regimes[init]):
+            summary += _regime_rows(
+                regime, (target, budget, init), curves, scores, selected, baselines
             )
     return summary
+
+
+def _regime_rows(
+    regime: str,
+    key: tuple,
+    curves: dict,
+    scores: dict,
+    selected: dict,
+    baselines: dict,
+) -> List[dict]:
+    """The summary rows of one (target, budget, init) against one regime's baseline."""
+    target, budget, init = key
+    by_seed = curves[key]
+    steps = sorted({step for curve in by_seed.values() for step in curve})
+    base = baselines.get(regime)
+    base_curves = curves.get((target, budget, base), {}) if base != init else {}
+    rows = []
+    for step in [*steps, SELECTED]:
+        points = _points(by_seed, step, key, selected)
+        if not points:
+            continue
+        cers = [cer for cer, _ in points.values()]
+        diff = low = high = None
+        if base_curves:
+            theirs = _points(base_curves, step, (target, budget, base), selected)
+            diff, low, high = _paired_difference(
+                _with_scores(points, scores, key),
+                _with_scores(theirs, scores, (target, budget, base)),
+            )
+        rows.append(
+            {
+                "regime": regime,
+                "target": target,
+                "budget": budget,
+                "init": init,
+                "step": step,
+                "seeds": len(points),
+                "mean_cer": float(np.mean(cers)),
+                "sd_cer": float(np.std(cers, ddof=1)) if len(cers) > 1 else None,
+                "diff_vs_multitask": diff,
+                "ci_low": low,
+                "ci_high": high,
+            }
+        )
+    return rows
 
 
 def _points(by_seed: dict, step, key: tuple, selected: dict) -> Dict[int, tuple]:

@@ -10,6 +10,7 @@ import pytest
 
 from speechbrain_meta.asr import warm_start
 from speechbrain_meta.hparams import load_hparams
+from speechbrain_meta.study import init_regimes
 
 REPO = Path(__file__).resolve().parents[1]
 # Every YAML that is a configuration on its own (the layers of hparams/models
@@ -53,6 +54,10 @@ def test_yaml_loads(yaml, tmp_path, monkeypatch):
         overrides["ssl_source"] = build_tiny_ssl("wav2vec2", str(tmp_path / "ssl"))
     hparams = load_hparams(str(yaml), overrides)
     assert hparams
+    if "inits" in hparams:  # a protocol: its regimes and baselines agree
+        adapted = hparams.get("adapted_inits") or list(hparams["inits"])
+        regimes, _ = init_regimes(hparams, adapted)
+        assert set(regimes) == set(adapted)
 
 
 @pytest.mark.parametrize("yaml", CTC_YAMLS, ids=lambda p: p.name)

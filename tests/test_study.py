@@ -18,11 +18,13 @@ import evaluate_adaptation
 import speechbrain_meta.brain
 from speechbrain_meta import MAML, MultiTask
 from speechbrain_meta.compute_budget import read_training_record
+from speechbrain_meta.errors import SetupError
 from speechbrain_meta.protocol import SEEDED_FIELDS, read_results, write_results
 from speechbrain_meta.study import (
     SELECTED,
     SUMMARY_FIELDS,
     bootstrap_difference,
+    init_regimes,
     read_summary,
     read_utterances,
     selected_step,
@@ -139,6 +141,38 @@ def test_summary_of_a_hand_made_protocol(tmp_path):
     row = next(r for r in summary if (r["init"], r["step"]) == ("maml", 5))
     assert row["diff_vs_multitask"] == pytest.approx(-20.0)
     assert row["ci_low"] is None and row["ci_high"] is None
+
+
+def test_an_init_of_two_regimes_is_compared_with_both_baselines():
+    """LoRA adapted as LoRA against multitask adapted in full and as LoRA."""
+    cers = {"lora": (40.0, 50.0), "mt": (30.0, 30.0), "mt_lora": (60.0, 70.0)}
+    rows = [
+        dict(seed=seed, init=init, target="cs", budget="2min", step=5, cer=cer)
+        for init, by_seed in cers.items()
+        for seed, cer in zip((1, 2), by_seed)
+    ]
+    hparams = {
+        "regimes": {"lora": ["full", "lora"], "mt": "full", "mt_lora": "lora"},
+        "baselines": {"full": "mt", "lora": "mt_lora"},
+    }
+    regimes, baselines = init_regimes(hparams, list(cers))
+    summary = summary_rows(rows, {}, {}, regimes, baselines)
+    diffs = {(r["regime"], r["init"], r["step"]): r["diff_vs_multitask"]
+             for r in summary}  # fmt: skip
+    assert diffs == {
+        ("full", "lora", 5): pytest.approx(15.0),
+        ("full", "lora", SELECTED): pytest.approx(15.0),
+        ("lora", "lora", 5): pytest.approx(-20.0),
+        ("lora", "lora", SELECTED): pytest.approx(-20.0),
+        ("full", "mt", 5): None,
+        ("full", "mt", SELECTED): None,
+        ("lora", "mt_lora", 5): None,
+        ("lora", "mt_lora", SELECTED): None,
+    }
+    # A baseline must belong to the regime it is the baseline of.
+    hparams["baselines"] = {"full": "mt", "lora": "mt"}
+    with pytest.raises(SetupError, match="baseline of regime 'lora', 'mt'"):
+        init_regimes(hparams, list(cers))
 
 
 # ------------------------------------------------------------- time budget
