@@ -118,15 +118,27 @@ def test_adapt_with_learnt_rates_needs_an_init_that_learnt_them(
         )  # fmt: skip
 
 
+def wrapped_name(name: str, names) -> str:
+    """A weight's name in a model whose layer an adapter wraps, if it is."""
+    layer, _, weight = name.rpartition(".")
+    inside = f"{layer}.pretrained_module.{weight}"
+    return inside if inside in names else name
+
+
 @pytest.mark.parametrize(
-    ("inner_params", "adapted"),
-    [('["*adapter*"]', {"adapter"}), ('["*adapter*", ctc_lin]', {"adapter", "1."})],
+    ("init_yaml", "inner_params", "adapted"),
+    [
+        ("maml_lora_ctc.yaml", '["*adapter*"]', {"adapter"}),
+        ("maml_lora_ctc.yaml", '["*adapter*", ctc_lin]', {"adapter", "1."}),
+        # A checkpoint without adapters: they are inserted after it loads.
+        ("multitask_ctc.yaml", '["*adapter*", ctc_lin]', {"adapter", "1."}),
+    ],
 )
 def test_adapt_a_lora_model_adapts_what_inner_params_select(
-    inner_params, adapted, tiny_corpus, tmp_path
+    init_yaml, inner_params, adapted, tiny_corpus, tmp_path
 ):
     init = tmp_path / "init"
-    run_train(HPARAMS / "maml_lora_ctc.yaml", tiny_corpus, init, *SHORT)
+    run_train(HPARAMS / init_yaml, tiny_corpus, init, *SHORT)
     (checkpoint,) = init.glob("save/CKPT+*/model.ckpt")
     out = tmp_path / "adapted"
     run_adapt(  # a source language: no new characters, no new output rows
@@ -137,8 +149,11 @@ def test_adapt_a_lora_model_adapts_what_inner_params_select(
         torch.load(checkpoint),
         torch.load(out / "save/CKPT+adapted/model.ckpt"),
     )
+    # Wrapped layers keep their weights under the adapter's pretrained_module.
+    before = {wrapped_name(name, after): value for name, value in before.items()}
+    assert set(before) <= set(after) and any("adapter" in name for name in after)
     for name, value in after.items():
-        changed = not torch.equal(value, before[name])
+        changed = name not in before or not torch.equal(value, before[name])
         selected = any(part in name if part == "adapter" else name.startswith(part)
                        for part in adapted)  # fmt: skip
         assert changed == selected, name
