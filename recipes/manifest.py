@@ -70,6 +70,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import soundfile
 
+from speechbrain_meta.atomic_file import atomic_write
 from speechbrain_meta.errors import SetupError
 
 __all__ = [
@@ -189,11 +190,9 @@ def atomic_write_text(path: str, text: str) -> None:
     text : str
         Content, written as UTF-8.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(str(path)) as stream:
+        stream.write(text)
 
 
 def manifest_paths(save_folder: str, splits: list[str]) -> dict[str, str]:

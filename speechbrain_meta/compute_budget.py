@@ -37,6 +37,7 @@ from speechbrain.utils.checkpoints import (
     register_checkpoint_hooks,
 )
 
+from speechbrain_meta.atomic_file import atomic_write
 from speechbrain_meta.errors import SetupError
 
 __all__ = [
@@ -134,9 +135,8 @@ def write_training_record(brain, folder: str) -> dict:
         "stopped_by_budget": clock.spent,
     }
     path = os.path.join(folder, TRAINING_RECORD)
-    with open(f"{path}.tmp", "w", encoding="utf-8") as stream:
+    with atomic_write(path) as stream:
         json.dump(record, stream, indent=2)
-    os.replace(f"{path}.tmp", path)
     return record
 
 

@@ -39,6 +39,7 @@ import logging
 import os
 from typing import Iterable, List, Optional, Sequence
 
+from speechbrain_meta.atomic_file import atomic_write
 from speechbrain_meta.errors import SetupError
 
 __all__ = [
@@ -92,10 +93,8 @@ def write_encoder_record(
     if added_labels:
         record["added_labels"] = list(added_labels)
     path = encoder_record_path(encoder_file)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w", encoding="utf-8") as stream:
+    with atomic_write(path) as stream:
         json.dump(record, stream, indent=2, ensure_ascii=False, sort_keys=True)
-    os.replace(temporary, path)
 
 
 def _describe(record: Optional[dict]) -> str:

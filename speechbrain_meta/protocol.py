@@ -28,13 +28,13 @@ True
 import csv
 import os
 import re
-import shutil
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import speechbrain as sb
 
 from speechbrain_meta.adaptation import BUDGET_UNITS, find_init_checkpoint
+from speechbrain_meta.atomic_file import atomic_write
 from speechbrain_meta.errors import SetupError
 
 __all__ = [
@@ -157,13 +157,11 @@ def write_results(rows: Sequence[dict], path: str, seeded: bool = False) -> None
         (:data:`SEEDED_FIELDS`): a protocol with several seeds.
     """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = f"{path}.partial"
     fields = SEEDED_FIELDS if seeded else RESULT_FIELDS
-    with open(partial, "w", newline="", encoding="utf-8") as stream:
+    with atomic_write(path, newline="") as stream:
         writer = csv.DictWriter(stream, fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(partial, path)
 
 
 def read_results(path: str) -> List[dict]:
@@ -519,7 +517,7 @@ def adaptation_encoders(checkpoints: dict, folder: str) -> Dict[str, Optional[st
             == mappings[first]
         ):
             os.makedirs(folder, exist_ok=True)
-            partial = f"{shared}.{os.getpid()}.tmp"
-            shutil.copyfile(files[first], partial)
-            os.replace(partial, shared)
+            with open(files[first], newline="", encoding="utf-8") as source:
+                with atomic_write(shared, newline="") as stream:
+                    stream.write(source.read())  # a copy, byte for byte
     return {**files, **dict.fromkeys(random, shared)}

@@ -45,6 +45,7 @@ from typing import Iterable, List, Optional
 import ruamel.yaml
 import speechbrain as sb
 
+from speechbrain_meta.atomic_file import atomic_write
 from speechbrain_meta.errors import SetupError
 from speechbrain_meta.hparams import resolve_hparams
 from speechbrain_meta.run_lock import is_main_rank
@@ -327,9 +328,8 @@ def write_stage_record(
     if seconds is not None:
         record["seconds"] = round(seconds, 1)
     path = os.path.join(folder, STAGE_RECORD)
-    with open(f"{path}.tmp", "w", encoding="utf-8") as stream:
+    with atomic_write(path) as stream:
         json.dump(record, stream, indent=2, sort_keys=True)
-    os.replace(f"{path}.tmp", path)
 
 
 def _single_process_environment() -> dict:

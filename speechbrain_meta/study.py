@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from speechbrain_meta.atomic_file import atomic_write
 from speechbrain_meta.errors import SetupError
 
 __all__ = [
@@ -126,12 +127,10 @@ def utterance_scores(step: int, cer_metric, wer_metric) -> List[dict]:
 
 def write_utterances(rows: Sequence[dict], path: str) -> None:
     """Write per-utterance scores (:data:`UTTERANCE_FIELDS`) as CSV, atomically."""
-    partial = f"{path}.partial"
-    with open(partial, "w", newline="", encoding="utf-8") as stream:
+    with atomic_write(path, newline="") as stream:
         writer = csv.DictWriter(stream, UTTERANCE_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(partial, path)
 
 
 def read_utterances(folder: str) -> Optional[Dict[int, Dict[str, Tuple[int, int]]]]:
@@ -575,13 +574,11 @@ def _cell(value) -> str:
 
 def write_summary(summary: Sequence[dict], path: str) -> None:
     """Write :func:`summary_rows` as CSV (None as an empty cell), atomically."""
-    partial = f"{path}.partial"
-    with open(partial, "w", newline="", encoding="utf-8") as stream:
+    with atomic_write(path, newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(SUMMARY_FIELDS)
         for row in summary:
             writer.writerow([_cell(row[field]) for field in SUMMARY_FIELDS])
-    os.replace(partial, path)
 
 
 def read_summary(path: str) -> List[dict]:
