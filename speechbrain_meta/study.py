@@ -299,7 +299,7 @@ def init_regimes(hparams: dict, adapted: Sequence[str]) -> Tuple[dict, dict]:
     >>> init_regimes({}, ["maml", "multitask"])
     ({'maml': ['all'], 'multitask': ['all']}, {'all': 'multitask'})
 
-    An init adapted two ways' baselines can share one meta-learnt init:
+    One init compared with the baselines of two regimes:
 
     >>> init_regimes(
     ...     {"regimes": {"lora": ["full", "lora"], "mt": "full", "mt_lora": "lora"},
