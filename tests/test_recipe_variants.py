@@ -118,6 +118,11 @@ def test_adapt_with_learnt_rates_needs_an_init_that_learnt_them(
         )  # fmt: skip
 
 
+# The YAML and optimizer of each kind of adaptation below.
+LORA = {"yaml": "adapt_lora_ctc.yaml"}
+ANIL_HEAD = {"yaml": "adapt_ctc.yaml", "adapt_optimizer": "sgd", "lr": 0.05}
+
+
 def wrapped_name(name: str, names) -> str:
     """A weight's name in a model whose layer an adapter wraps, if it is."""
     layer, _, weight = name.rpartition(".")
@@ -126,24 +131,26 @@ def wrapped_name(name: str, names) -> str:
 
 
 @pytest.mark.parametrize(
-    ("init_yaml", "inner_params", "adapted"),
+    ("init_yaml", "inner_params", "adapted", "adaptation"),
     [
-        ("maml_lora_ctc.yaml", '["*adapter*"]', {"adapter"}),
-        ("maml_lora_ctc.yaml", '["*adapter*", ctc_lin]', {"adapter", "1."}),
+        ("maml_lora_ctc.yaml", '["*adapter*"]', {"adapter"}, LORA),
+        ("maml_lora_ctc.yaml", '["*adapter*", ctc_lin]', {"adapter", "1."}, LORA),
         # A checkpoint without adapters: they are inserted after it loads.
-        ("multitask_ctc.yaml", '["*adapter*", ctc_lin]', {"adapter", "1."}),
+        ("multitask_ctc.yaml", '["*adapter*", ctc_lin]', {"adapter", "1."}, LORA),
+        # ANIL's inner loop at test time: the output layer alone, by SGD.
+        ("maml_anil_ctc.yaml", "[ctc_lin]", {"1."}, ANIL_HEAD),
     ],
 )
-def test_adapt_a_lora_model_adapts_what_inner_params_select(
-    init_yaml, inner_params, adapted, tiny_corpus, tmp_path
+def test_adapt_adapts_what_inner_params_select(
+    init_yaml, inner_params, adapted, adaptation, tiny_corpus, tmp_path
 ):
     init = tmp_path / "init"
     run_train(HPARAMS / init_yaml, tiny_corpus, init, *SHORT)
     (checkpoint,) = init.glob("save/CKPT+*/model.ckpt")
     out = tmp_path / "adapted"
     run_adapt(  # a source language: no new characters, no new output rows
-        tiny_corpus, "adapt_lora_ctc.yaml", out, init_checkpoint=init,
-        inner_params=inner_params, target="de", selection_fraction=0,
+        tiny_corpus, out=out, init_checkpoint=init, inner_params=inner_params,
+        target="de", selection_fraction=0, **adaptation,
     )  # fmt: skip
     before, after = (
         torch.load(checkpoint),
@@ -151,7 +158,8 @@ def test_adapt_a_lora_model_adapts_what_inner_params_select(
     )
     # Wrapped layers keep their weights under the adapter's pretrained_module.
     before = {wrapped_name(name, after): value for name, value in before.items()}
-    assert set(before) <= set(after) and any("adapter" in name for name in after)
+    assert set(before) <= set(after)
+    assert any("adapter" in name for name in after) == ("adapter" in adapted)
     for name, value in after.items():
         changed = name not in before or not torch.equal(value, before[name])
         selected = any(part in name if part == "adapter" else name.startswith(part)
